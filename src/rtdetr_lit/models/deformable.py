@@ -1,0 +1,224 @@
+"""Multi-scale deformable attention with a distinct number of sampling points per level (SPEC §5).
+
+Each query samples ``num_points[l]`` locations on level ``l`` per head, around its reference box,
+and mixes the sampled values with weights that are softmax-normalised jointly over all points of
+all levels. Two samplers are available: bilinear ``grid_sample`` (training) and ``discrete``
+nearest-pixel gathering (fine-tuning and deployment: it exports to ONNX without GridSample).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SAMPLING_METHODS", "MSDeformableAttention", "sample_discrete", "sample_grid"]
+
+SAMPLING_METHODS = ("grid_sample", "discrete")
+
+
+def sample_grid(value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    """Bilinear sampling with zero padding (``align_corners=False``).
+
+    Args:
+        value: (N, D, H, W) feature map.
+        loc: (N, Q, K, 2) normalised (x, y) locations, 0 and 1 being the outer pixel edges.
+
+    Returns:
+        (N, D, Q, K) sampled features.
+    """
+    grid = (2.0 * loc - 1.0).to(value.dtype)
+    return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def sample_discrete(value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    """Nearest-pixel sampling by gather: no interpolation, hence no gradient w.r.t. ``loc``.
+
+    The pixel is ``(int(x * W + 0.5), int(y * H + 0.5))`` (truncation toward zero), clamped into the
+    map. Only Cast/Clip/Gather-style ops are used so that ONNX export needs no GridSample.
+
+    Args:
+        value: (N, D, H, W) feature map.
+        loc: (N, Q, K, 2) normalised (x, y) locations.
+
+    Returns:
+        (N, D, Q, K) gathered features.
+    """
+    n, d, h, w = value.shape
+    _, q, k, _ = loc.shape
+    # float32 so that fp16 rounding under autocast cannot move a location to the neighbouring pixel
+    loc = loc.float()
+    ix = (loc[..., 0] * w + 0.5).to(torch.int64).clamp(0, w - 1)
+    iy = (loc[..., 1] * h + 0.5).to(torch.int64).clamp(0, h - 1)
+    flat_idx = (iy * w + ix).reshape(n, 1, q * k).expand(n, d, q * k)
+    picked = torch.gather(value.reshape(n, d, h * w), 2, flat_idx)
+    return picked.reshape(n, d, q, k)
+
+
+_SAMPLERS = {"grid_sample": sample_grid, "discrete": sample_discrete}
+
+
+class MSDeformableAttention(nn.Module):
+    """Multi-scale deformable cross-attention (RT-DETRv2 variant).
+
+    State-dict keys: ``num_points_scale`` (buffer, length P = sum(num_points), ``1/n_l`` for every
+    point of level ``l``), ``sampling_offsets`` (Linear C -> heads*P*2), ``attention_weights``
+    (Linear C -> heads*P), ``value_proj`` and ``output_proj`` (Linear C -> C). Points are ordered
+    level 0's first; offsets are laid out as (heads, P, 2).
+
+    Args:
+        embed_dim: channel width C (divisible by ``num_heads``).
+        num_heads: attention heads.
+        num_levels: number of feature levels.
+        num_points: sampling points per level, one int for all levels or one per level.
+        method: ``"grid_sample"`` or ``"discrete"`` (see :meth:`set_method`).
+        offset_scale: factor on the box-relative offsets (0.5: an offset of 1 reaches the box edge
+            for a single-point level).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 3,
+        num_points: int | Sequence[int] = 4,
+        method: str = "grid_sample",
+        offset_scale: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        points = [num_points] * num_levels if isinstance(num_points, int) else list(num_points)
+        if len(points) != num_levels or min(points) < 1:
+            raise ValueError(
+                f"num_points {num_points!r} must give >= 1 point for each of {num_levels} levels"
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points_list = points
+        self.total_points = sum(points)
+        self.offset_scale = offset_scale
+
+        scale = [1.0 / n for n in points for _ in range(n)]
+        self.register_buffer("num_points_scale", torch.tensor(scale, dtype=torch.float32))
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * self.total_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * self.total_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+        self.set_method(method)
+
+    def reset_parameters(self) -> None:
+        """SPEC §5 init: one direction per head, the k-th point of a level at distance k+1."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(self._offset_bias_init())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def _offset_bias_init(self) -> torch.Tensor:
+        theta = torch.arange(self.num_heads, dtype=torch.float64) * (2.0 * math.pi / self.num_heads)
+        direction = torch.stack([theta.cos(), theta.sin()], dim=-1)
+        direction = direction / direction.abs().max(dim=-1, keepdim=True).values  # (heads, 2)
+        rank_in_level = torch.tensor(
+            [k + 1 for n in self.num_points_list for k in range(n)], dtype=torch.float64
+        )  # (P,)
+        bias = direction[:, None, :] * rank_in_level[None, :, None]  # (heads, P, 2)
+        return bias.flatten().to(torch.float32)
+
+    def set_method(self, method: str) -> None:
+        """Switch the sampler; ``"discrete"`` freezes ``sampling_offsets`` (it gets no gradient)."""
+        if method not in SAMPLING_METHODS:
+            raise ValueError(
+                f"unknown sampling method {method!r}; choose one of {SAMPLING_METHODS}"
+            )
+        self.method = method
+        self.sampling_offsets.requires_grad_(method != "discrete")
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+        value_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from each query to points sampled around its reference.
+
+        Args:
+            query: (B, Q, C) query features (positional embedding already added).
+            reference_points: (B, Q, 1, 4) normalised cxcywh boxes, or (B, Q, 1, 2) normalised
+                (x, y) points; the level axis may be omitted. With points, an offset of 1 moves one
+                pixel of that level.
+            value: (B, N, C) flattened multi-scale memory, levels concatenated row-major,
+                N = sum(H_l * W_l).
+            spatial_shapes: (H_l, W_l) per level, as python ints.
+            value_mask: optional (B, N) bool, True for tokens that may be attended (others are
+                zeroed).
+
+        Returns:
+            (B, Q, C) attended features.
+        """
+        if len(spatial_shapes) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} levels, got {len(spatial_shapes)}")
+        bsz, num_q, _ = query.shape
+        num_v = value.shape[1]
+        heads, head_dim, total = self.num_heads, self.embed_dim // self.num_heads, self.total_points
+
+        value = self.value_proj(value)
+        if value_mask is not None:
+            value = value.masked_fill(~value_mask[..., None], 0.0)
+        value = value.reshape(bsz, num_v, heads, head_dim)
+
+        offsets = self.sampling_offsets(query).reshape(bsz, num_q, heads, total, 2)
+        weights = self.attention_weights(query).reshape(bsz, num_q, heads, total).softmax(-1)
+
+        if reference_points.dim() == 3:
+            reference_points = reference_points.unsqueeze(2)
+        ref = reference_points[:, :, :, None, :]  # (B, Q, 1, 1, 2 or 4)
+        if ref.shape[-1] == 4:
+            scale = self.num_points_scale.to(offsets.dtype)[:, None]  # (P, 1)
+            loc = ref[..., :2] + offsets * scale * ref[..., 2:] * self.offset_scale
+        elif ref.shape[-1] == 2:
+            loc = ref + offsets / self._per_point_size(spatial_shapes, offsets)
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 values, got {ref.shape[-1]}")
+
+        sampled = self._sample(value, loc, spatial_shapes)  # (B*heads, head_dim, Q, P)
+        weights = weights.permute(0, 2, 1, 3).reshape(bsz * heads, 1, num_q, total)
+        out = (sampled * weights).sum(-1)  # (B*heads, head_dim, Q)
+        out = out.reshape(bsz, heads * head_dim, num_q).transpose(1, 2)
+        return self.output_proj(out)
+
+    def _per_point_size(
+        self, spatial_shapes: Sequence[tuple[int, int]], like: torch.Tensor
+    ) -> torch.Tensor:
+        """(P, 2) level width/height of every point, to turn pixel offsets into normalised ones."""
+        sizes = [
+            (float(w), float(h))
+            for (h, w), n in zip(spatial_shapes, self.num_points_list, strict=True)
+            for _ in range(n)
+        ]
+        return torch.tensor(sizes, dtype=like.dtype, device=like.device)
+
+    def _sample(
+        self, value: torch.Tensor, loc: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
+        """value (B, N, heads, d) and loc (B, Q, heads, P, 2) -> (B*heads, d, Q, P), all levels."""
+        bsz, _, heads, head_dim = value.shape
+        sampler = _SAMPLERS[self.method]
+        value_levels = value.split([h * w for h, w in spatial_shapes], dim=1)
+        loc_levels = loc.permute(0, 2, 1, 3, 4).flatten(0, 1).split(self.num_points_list, dim=2)
+        sampled = []
+        for (h, w), v, lc in zip(spatial_shapes, value_levels, loc_levels, strict=True):
+            # (B, HW, heads, d) -> (B*heads, d, H, W)
+            v = v.permute(0, 2, 3, 1).reshape(bsz * heads, head_dim, h, w)
+            sampled.append(sampler(v, lc))
+        return torch.cat(sampled, dim=-1)

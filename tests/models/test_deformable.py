@@ -1,0 +1,237 @@
+"""MSDeformableAttention against a naive per-point implementation, hand-picked pixels and HF."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from rtdetr_lit.models.deformable import MSDeformableAttention
+
+SHAPES = [(5, 7), (3, 4), (2, 1)]  # (H, W): non-square on purpose
+
+
+def _bilinear(fmap: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """Bilinear fmap (D, H, W) at normalised (x, y); zeros outside, pixel centres at +0.5."""
+    _, h, w = fmap.shape
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    out = torch.zeros(fmap.shape[0], dtype=fmap.dtype)
+    for xi, yi in ((x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)):
+        if 0 <= xi < w and 0 <= yi < h:
+            out += (1 - abs(px - xi)) * (1 - abs(py - yi)) * fmap[:, yi, xi]
+    return out
+
+
+def _naive(attn: MSDeformableAttention, query, ref, value, shapes, discrete=False):
+    """Loop over batch, query, head and point; only the Linear layers are shared with the module."""
+    bsz, num_q, _ = query.shape
+    heads, dim = attn.num_heads, attn.embed_dim // attn.num_heads
+    v = attn.value_proj(value).reshape(bsz, -1, heads, dim)
+    starts = [0]
+    for h, w in shapes:
+        starts.append(starts[-1] + h * w)
+    levels = [lvl for lvl, n in enumerate(attn.num_points_list) for _ in range(n)]
+    offsets = attn.sampling_offsets(query).reshape(bsz, num_q, heads, -1, 2)
+    logits = attn.attention_weights(query).reshape(bsz, num_q, heads, -1)
+    out = torch.zeros(bsz, num_q, heads, dim, dtype=query.dtype)
+    for b in range(bsz):
+        for q in range(num_q):
+            cx, cy, bw, bh = ref[b, q, 0].tolist()
+            for hd in range(heads):
+                weights = torch.exp(logits[b, q, hd]) / torch.exp(logits[b, q, hd]).sum()
+                for p, lvl in enumerate(levels):
+                    h, w = shapes[lvl]
+                    n_l = attn.num_points_list[lvl]
+                    x = cx + offsets[b, q, hd, p, 0].item() / n_l * bw * 0.5
+                    y = cy + offsets[b, q, hd, p, 1].item() / n_l * bh * 0.5
+                    fmap = v[b, starts[lvl] : starts[lvl + 1], hd].T.reshape(dim, h, w)
+                    if discrete:
+                        xi = min(max(int(x * w + 0.5), 0), w - 1)
+                        yi = min(max(int(y * h + 0.5), 0), h - 1)
+                        sample = fmap[:, yi, xi]
+                    else:
+                        sample = _bilinear(fmap, x, y)
+                    out[b, q, hd] += weights[p] * sample
+    return attn.output_proj(out.reshape(bsz, num_q, heads * dim))
+
+
+def _random_module(points, method="grid_sample"):
+    torch.manual_seed(0)
+    attn = MSDeformableAttention(16, 2, 3, points, method=method).double()
+    with torch.no_grad():  # non-trivial offsets and weights so that every path matters
+        for lin in (attn.sampling_offsets, attn.attention_weights):
+            lin.weight.normal_(0, 0.5)
+            lin.bias.normal_(0, 1.0)
+    return attn
+
+
+def _inputs(bsz=2, num_q=3):
+    n = sum(h * w for h, w in SHAPES)
+    query = torch.randn(bsz, num_q, 16, dtype=torch.float64)
+    value = torch.randn(bsz, n, 16, dtype=torch.float64)
+    centre = torch.rand(bsz, num_q, 1, 2, dtype=torch.float64) * 0.8 + 0.1
+    size = torch.rand(bsz, num_q, 1, 2, dtype=torch.float64) * 0.5 + 0.2
+    return query, torch.cat([centre, size], -1), value
+
+
+@pytest.mark.parametrize("method", ["grid_sample", "discrete"])
+def test_matches_naive_loop_with_uneven_points(method):
+    attn = _random_module([4, 2, 1], method)
+    query, ref, value = _inputs()
+    with torch.no_grad():
+        got = attn(query, ref, value, SHAPES)
+        want = _naive(attn, query, ref, value, SHAPES, discrete=method == "discrete")
+    assert got.shape == (2, 3, 16)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_discrete_picks_expected_pixels_on_non_square_map():
+    # one level 3x5 (H x W), one head, one point; value channel 0 holds each pixel's flat index
+    attn = MSDeformableAttention(4, 1, 1, [1], method="discrete").double()
+    with torch.no_grad():
+        for lin in (attn.value_proj, attn.output_proj):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.zero_()
+        attn.sampling_offsets.weight.zero_()
+    h, w = 3, 5
+    value = torch.zeros(1, h * w, 4, dtype=torch.float64)
+    value[0, :, 0] = torch.arange(h * w, dtype=torch.float64)
+    # reference centres, zero size => loc = centre + bias offset * 0 = centre
+    xs = [0.0, 0.09, 0.11, 0.5, 0.95, 1.3, -0.2, 0.69]
+    ys = [0.0, 0.15, 0.17, 0.5, 0.95, 1.3, -0.2, 0.99]
+    ref = torch.tensor([[[[x, y, 0.0, 0.0]] for x, y in zip(xs, ys, strict=True)]])
+    out = attn(torch.zeros(1, len(xs), 4, dtype=torch.float64), ref.double(), value, [(h, w)])
+    # int(x*5+0.5) and int(y*3+0.5), truncated toward zero, then clamped to [0,4] and [0,2]
+    want_x = [0, 0, 1, 3, 4, 4, 0, 3]
+    want_y = [0, 0, 1, 2, 2, 2, 0, 2]
+    want = [yy * w + xx for xx, yy in zip(want_x, want_y, strict=True)]
+    assert out[0, :, 0].tolist() == pytest.approx(want)
+
+
+def test_point_references_move_one_pixel_per_unit_offset():
+    attn = MSDeformableAttention(4, 1, 1, [1], method="discrete").double()
+    with torch.no_grad():
+        for lin in (attn.value_proj, attn.output_proj):
+            lin.weight.copy_(torch.eye(4))
+            lin.bias.zero_()
+        attn.sampling_offsets.weight.zero_()
+        attn.sampling_offsets.bias.copy_(torch.tensor([2.0, 1.0]))  # two pixels right, one down
+    h, w = 4, 6
+    value = torch.zeros(1, h * w, 4, dtype=torch.float64)
+    value[0, :, 0] = torch.arange(h * w, dtype=torch.float64)
+    # near the top-left corner; the discrete rule int(v * size + 0.5) then lands on pixel (2, 1)
+    ref = torch.tensor([[[[0.1 / w, 0.1 / h]]]], dtype=torch.float64)
+    out = attn(torch.zeros(1, 1, 4, dtype=torch.float64), ref, value, [(h, w)])
+    assert out[0, 0, 0].item() == 1 * w + 2
+
+
+def test_offset_bias_init_formula():
+    attn = MSDeformableAttention(32, 8, 3, [3, 1, 2])
+    bias = attn.sampling_offsets.bias.reshape(8, 6, 2)
+    for head in range(8):
+        t = 2 * math.pi * head / 8
+        direction = torch.tensor([math.cos(t), math.sin(t)])
+        direction = direction / direction.abs().max()
+        for p, k in enumerate([0, 1, 2, 0, 0, 1]):  # rank of each point within its level
+            torch.testing.assert_close(bias[head, p], direction * (k + 1))
+    assert torch.equal(attn.sampling_offsets.weight, torch.zeros_like(attn.sampling_offsets.weight))
+    assert attn.attention_weights.weight.abs().sum() == 0
+    assert attn.attention_weights.bias.abs().sum() == 0
+    assert attn.value_proj.bias.abs().sum() == 0 and attn.output_proj.bias.abs().sum() == 0
+    want_scale = [1 / 3] * 3 + [1.0] + [0.5] * 2
+    assert attn.num_points_scale.tolist() == pytest.approx(want_scale)
+
+
+def test_softmax_is_joint_over_levels():
+    # two constant levels (level 0 all ones, level 1 all zeros), one point each: the output is the
+    # weight of level 0's point, exp(a)/(exp(a)+exp(b)) jointly, but 1 with a per-level softmax
+    attn = MSDeformableAttention(2, 1, 2, [1, 1]).double()
+    with torch.no_grad():
+        for lin in (attn.value_proj, attn.output_proj):
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+        attn.attention_weights.bias.copy_(torch.tensor([1.0, -0.5]))
+    value = torch.cat([torch.ones(1, 4, 2), torch.zeros(1, 4, 2)], 1).double()
+    ref = torch.tensor([[[[0.5, 0.5, 0.1, 0.1]]]], dtype=torch.float64)
+    out = attn(torch.zeros(1, 1, 2, dtype=torch.float64), ref, value, [(2, 2), (2, 2)])
+    want = math.exp(1.0) / (math.exp(1.0) + math.exp(-0.5))
+    assert out[0, 0, 0].item() == pytest.approx(want)
+
+
+def test_discrete_mode_freezes_offsets_and_back():
+    attn = MSDeformableAttention(16, 2, 3, [4, 2, 1])
+    attn.set_method("discrete")
+    assert not attn.sampling_offsets.weight.requires_grad
+    assert not attn.sampling_offsets.bias.requires_grad
+    query, ref, value = (t.float() for t in _inputs())
+    attn(query, ref, value, SHAPES).sum().backward()
+    assert attn.sampling_offsets.weight.grad is None
+    assert attn.attention_weights.weight.grad is not None
+    attn.set_method("grid_sample")
+    assert attn.sampling_offsets.weight.requires_grad and attn.sampling_offsets.bias.requires_grad
+    with pytest.raises(ValueError):
+        attn.set_method("bilinear")
+
+
+def test_discrete_exports_to_onnx_without_grid_sample(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    attn = _random_module([4, 2, 1], "discrete").float().eval()
+    query, ref, value = (t.float() for t in _inputs(1))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, q, r, v):
+            return self.attn(q, r, v, SHAPES)
+
+    path = tmp_path / "attn.onnx"
+    torch.onnx.export(Wrap(), (query, ref, value), str(path), dynamo=False, opset_version=17)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "GridSample" not in ops
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = dict(zip([i.name for i in sess.get_inputs()], (query, ref, value), strict=True))
+    got = sess.run(None, {k: t.numpy() for k, t in feeds.items()})[0]
+    torch.testing.assert_close(
+        torch.from_numpy(got), attn(query, ref, value, SHAPES), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("method", ["grid_sample", "discrete"])
+def test_matches_hf_deformable_attention(method):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf = pytest.importorskip("transformers.models.rt_detr_v2.modeling_rt_detr_v2")
+    from transformers import RTDetrV2Config
+
+    cfg = RTDetrV2Config(
+        d_model=16,
+        decoder_attention_heads=2,
+        decoder_n_levels=3,
+        decoder_n_points=3,
+        decoder_method="default" if method == "grid_sample" else "discrete",
+    )
+    theirs = hf.RTDetrV2MultiscaleDeformableAttention(cfg).double()
+    ours = _random_module(3, method)
+    state = {
+        k.replace("num_points_scale", "n_points_scale"): v for k, v in ours.state_dict().items()
+    }
+    theirs.load_state_dict(state)
+    query, ref, value = _inputs()
+    shapes_t = torch.tensor(SHAPES)
+    start = torch.cat([shapes_t.new_zeros(1), shapes_t.prod(1).cumsum(0)[:-1]])
+    with torch.no_grad():
+        want, _ = theirs(
+            hidden_states=query,
+            encoder_hidden_states=value,
+            reference_points=ref,
+            spatial_shapes=shapes_t,
+            spatial_shapes_list=SHAPES,
+            level_start_index=start,
+        )
+        got = ours(query, ref, value, SHAPES)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
