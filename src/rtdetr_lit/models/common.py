@@ -17,6 +17,7 @@ __all__ = [
     "ConvNormLayer",
     "bias_init_with_prob",
     "freeze_batch_norm",
+    "fuse_conv_norm",
     "get_activation",
     "inverse_sigmoid",
 ]
@@ -116,3 +117,28 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
         if new_child is not child:
             setattr(module, name, new_child)
     return module
+
+
+@torch.no_grad()
+def fuse_conv_norm(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
+    """Return a new Conv2d with bias computing ``norm(conv(x))`` for an eval-mode norm.
+
+    ``norm`` is a ``BatchNorm2d`` or ``FrozenBatchNorm2d``; its running statistics and affine
+    parameters are folded into the weight and bias. The result has the conv's device and dtype.
+    """
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+    fused.bias.copy_(norm.bias + (conv_bias - norm.running_mean) * scale)
+    return fused
