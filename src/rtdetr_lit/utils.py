@@ -1,0 +1,107 @@
+"""Glue shared by the command-line entry points (train, eval): run set-up and object building."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rtdetr_lit.config import ConfigError, validate_config
+
+__all__ = [
+    "build_callbacks",
+    "build_loggers",
+    "finish_run",
+    "prepare_run",
+    "resolve_ckpt_path",
+]
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run(cfg: DictConfig) -> None:
+    """Validate ``cfg``, apply ``cfg.extras`` and seed every generator (``cfg.seed``)."""
+    import lightning as L
+    from lightning.pytorch.utilities import rank_zero_only
+
+    validate_config(
+        cfg,
+        keys=tuple(
+            k for k in ("data", "model", "callbacks", "logger", "trainer") if cfg.get(k) is not None
+        ),
+    )
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("enforce_tags") and not cfg.get("tags"):
+        raise ConfigError("tags: extras.enforce_tags is on but no tags were given (tags=[a,b])")
+    if extras.get("print_config"):
+        rank_zero_only(_print_config)(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+
+def _print_config(cfg: DictConfig) -> None:
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    text = OmegaConf.to_yaml(cfg, resolve=False)
+    Console().print(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config_tree.yaml").write_text(text)
+
+
+def _build_group(group: DictConfig | None, kind: str) -> list[Any]:
+    from hydra.utils import instantiate
+
+    built = []
+    for name, node in (group or {}).items():
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"{kind}.{name}: expected a node with a _target_")
+        built.append(instantiate(node))
+    return built
+
+
+def build_callbacks(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` node of the ``callbacks`` group (null entries are skipped)."""
+    return _build_group(group, "callbacks")
+
+
+def build_loggers(group: DictConfig | None) -> list[Any] | bool:
+    """Instantiate every ``_target_`` node of the ``logger`` group; ``False`` when there is none."""
+    return _build_group(group, "logger") or False
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path`` as given, or for ``ckpt_path=last`` the newest ``last.ckpt`` of this task."""
+    path = cfg.get("ckpt_path")
+    if path != "last":
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"ckpt_path: no such file {path}")
+        return path
+    task_dir = Path(cfg.paths.log_dir) / cfg.task_name
+    candidates = sorted(task_dir.glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        log.warning("ckpt_path=last: no last.ckpt below %s, starting from scratch", task_dir)
+        return None
+    log.info("resuming from %s", candidates[-1])
+    return str(candidates[-1])
+
+
+def finish_run(cfg: DictConfig, trainer: Any, metrics: dict[str, Any]) -> dict[str, float]:
+    """Log the final metrics and where the checkpoints are; return the metrics as floats."""
+    values = {k: float(v) for k, v in metrics.items()}
+    for key in sorted(values):
+        if key.startswith(("val/", "test/")):
+            log.info("%-20s %.4f", key, values[key])
+    ckpt = getattr(trainer, "checkpoint_callback", None)
+    if ckpt is not None and ckpt.dirpath:
+        log.info("checkpoints: %s", ckpt.dirpath)
+    log.info("run directory: %s", cfg.paths.output_dir)
+    return values

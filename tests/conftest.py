@@ -1,0 +1,65 @@
+"""Shared fixtures: composed CPU-only configs whose outputs and data live in temporary folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from rtdetr_lit.config import CONFIG_DIR, register_schemas
+
+# Tests never reach the network: HF models are built from configs, data is generated.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with ``overrides``, Hydra runtime values included."""
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides or [], return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def _cpu_sized(cfg: DictConfig, tmp_path: Path) -> DictConfig:
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.trainer.accelerator = "cpu"
+        cfg.trainer.devices = 1
+        cfg.extras.print_config = False
+        cfg.data.num_workers = 0
+    return cfg
+
+
+@pytest.fixture
+def cfg_train(tmp_path: Path) -> Iterator[DictConfig]:
+    """The default train config on the CPU, writing only below ``tmp_path``."""
+    yield _cpu_sized(compose_config("train"), tmp_path)
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def cfg_eval(tmp_path: Path) -> Iterator[DictConfig]:
+    """The default eval config on the CPU, writing only below ``tmp_path``."""
+    yield _cpu_sized(compose_config("eval", ["ckpt_path=none.ckpt"]), tmp_path)
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """``shared/reference``: state-dict layouts of the reference checkpoints."""
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference layouts not found at {REFERENCE_DIR}")
+    return REFERENCE_DIR
