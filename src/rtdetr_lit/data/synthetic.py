@@ -116,13 +116,14 @@ def _write_split(
         for label, box in objects:
             _draw_shape(draw, CLASSES[label], box, _contrasting_colour(pixels, box, rng))
             x0, y0, x1, y1 = box
+            bbox = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": label + 1,
-                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                    "area": round((x1 - x0) * (y1 - y0), 2),
+                    "bbox": bbox,
+                    "area": round(bbox[2] * bbox[3], 2),
                     "iscrowd": 0,
                 }
             )
