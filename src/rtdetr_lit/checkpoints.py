@@ -1,0 +1,270 @@
+"""Read checkpoint files safely and turn reference RT-DETRv2 checkpoints into our state dicts.
+
+Our detector's state-dict keys are, by design, exactly the reference implementation's keys
+(``backbone.*``, ``encoder.*``, ``decoder.*``; see SPEC §10), so converting a reference checkpoint
+is selection plus validation:
+
+1. :func:`load_checkpoint_file` reads ``.pth``/``.pt``/``.ckpt``/``.bin`` with
+   ``torch.load(weights_only=True)`` and ``.safetensors`` with safetensors; neither can run code.
+2. :func:`extract_state_dict` picks the weights out of a container: ``obj["ema"]["module"]`` if
+   present, else ``obj["model"]`` (a reference training checkpoint, or our own converted file
+   ``{"model": state_dict, "meta": {...}}``), else ``obj`` itself (a bare state dict). A leading
+   ``module.`` (DistributedDataParallel) is stripped.
+3. :func:`align_to_target` checks names and shapes against the target model's state dict and
+   tolerates the two legitimate differences: a different number of classes (score heads and the
+   denoising embedding keep the target's tensors) and a different eval size (``decoder.anchors``
+   and ``decoder.valid_mask`` keep the target's). Everything it did not take from the checkpoint
+   is reported in the returned :class:`ConversionResult`.
+
+Hugging Face checkpoints are renamed by the rules in :mod:`rtdetr_lit.convert`, which then reuses
+:func:`align_to_target`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EVAL_SIZE_BUFFERS",
+    "MODEL_NAMES",
+    "ConversionResult",
+    "align_to_target",
+    "build_target_state_dict",
+    "check_model_name",
+    "convert_reference_state_dict",
+    "extract_state_dict",
+    "infer_num_classes",
+    "load_checkpoint_file",
+]
+
+logger = logging.getLogger(__name__)
+
+# The zoo sizes of SPEC §1.
+MODEL_NAMES: tuple[str, ...] = ("r18", "r34", "r50m", "r50", "r101")
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+# Tensors whose first dimension is the number of classes (+1 for the padding row of the embedding).
+_CLASS_DEPENDENT = re.compile(
+    r"decoder\.(enc_score_head|dec_score_head\.\d+)\.(weight|bias)|decoder\.denoising_class_embed\.weight"
+)
+# Buffers precomputed for one eval size (SPEC §4); a model built for another size, or for none,
+# legitimately differs here.
+EVAL_SIZE_BUFFERS = frozenset({"decoder.anchors", "decoder.valid_mask"})
+
+_MAX_LISTED = 12
+
+
+@dataclass
+class ConversionResult:
+    """Outcome of a conversion.
+
+    Attributes:
+        state_dict: our keys -> tensors: exactly the target's keys, shapes and dtypes, so
+            ``model.load_state_dict(result.state_dict, strict=True)`` succeeds.
+        skipped: keys present in the checkpoint whose shape differs from the target for a
+            legitimate reason (class count, eval size); the target's tensor was kept.
+        filled: keys the checkpoint lacks that were taken from the target (e.g. the eval-size
+            buffers, which HF does not store).
+        dropped: checkpoint entries deliberately not used (eval-size buffers the target has no slot
+            for, HF's tied duplicate heads).
+    """
+
+    state_dict: dict[str, Tensor]
+    skipped: list[str] = field(default_factory=list)
+    filled: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+    """Load a checkpoint file onto the CPU without executing any code stored in it.
+
+    ``.safetensors`` files return a flat ``dict[str, Tensor]``; ``.pth``/``.pt``/``.ckpt``/``.bin``
+    files return whatever tensors and plain containers were pickled (``torch.load`` with
+    ``weights_only=True``: pickled classes or functions are refused, never called).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unknown suffix, unreadable file, or a pickle holding arbitrary objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"could not read safetensors file {path}: {err}") from err
+    if suffix not in _TORCH_SUFFIXES:
+        raise ValueError(
+            f"unsupported checkpoint suffix {suffix!r} for {path}; "
+            f"expected one of {[*_TORCH_SUFFIXES, '.safetensors']}"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        raise ValueError(
+            f"refused to load {path}: torch.load(weights_only=True) rejected it "
+            f"({detail.group(1).strip() if detail else err}). Either it is not a PyTorch "
+            "checkpoint, or it pickles Python objects other than tensors and plain containers, "
+            "which could run arbitrary code when loaded. If you trust the file, re-save only its "
+            "tensors (torch.save(state_dict)) from a trusted environment."
+        ) from err
+    except (RuntimeError, OSError, EOFError) as err:
+        raise ValueError(f"could not read checkpoint {path}: {err}") from err
+
+
+def extract_state_dict(obj: Any) -> dict[str, Tensor]:
+    """Select the weights from a checkpoint container (see the module docstring for the order).
+
+    Returns a new flat ``dict[str, Tensor]`` with any common ``module.`` prefix removed.
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a checkpoint dict, got {type(obj).__name__}")
+    ema = obj.get("ema")
+    if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):
+        state = ema["module"]
+    elif isinstance(obj.get("model"), Mapping):
+        state = obj["model"]
+    else:
+        state = obj
+    non_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if non_tensors:
+        raise ValueError(
+            "no state dict found: expected obj['ema']['module'], obj['model'] or a bare "
+            f"dict of tensors; entries that are not tensors: {_listed(non_tensors)}"
+        )
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def infer_num_classes(state_dict: Mapping[str, Tensor]) -> int | None:
+    """Number of classes from the encoder score head (ours or HF naming), ``None`` if absent."""
+    for key in ("decoder.enc_score_head.weight", "model.enc_score_head.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    return None
+
+
+def build_target_state_dict(name: str, num_classes: int | None = None) -> dict[str, Tensor]:
+    """State dict of a freshly built ``rtdetr_lit.create_model(name, num_classes=...)``."""
+    check_model_name(name)
+    try:
+        from rtdetr_lit import create_model
+    except ImportError as err:
+        raise RuntimeError(
+            "no target state dict given and rtdetr_lit.create_model is not available; "
+            "pass target=model.state_dict()"
+        ) from err
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    return create_model(name, **kwargs).state_dict()
+
+
+def align_to_target(
+    state_dict: Mapping[str, Tensor], target: Mapping[str, Tensor], source: str = "checkpoint"
+) -> ConversionResult:
+    """Validate ``state_dict`` (our key names) against ``target`` and build the loadable result.
+
+    Args:
+        state_dict: converted checkpoint, our keys.
+        target: the target model's ``state_dict()`` (real tensors: some may be copied over).
+        source: word used in error messages (e.g. "reference checkpoint").
+
+    Returns:
+        A :class:`ConversionResult` whose ``state_dict`` has exactly the target's keys, shapes and
+        dtypes (values cast to the target's dtype).
+
+    Raises:
+        ValueError: missing keys, unexpected keys, or a shape mismatch that the class count or
+            eval size does not explain; the message names every offending key.
+    """
+    result = ConversionResult(state_dict={})
+    missing, mismatched = [], []
+    for key, want in target.items():
+        have = state_dict.get(key)
+        if have is None:
+            if key in EVAL_SIZE_BUFFERS:
+                result.state_dict[key] = want.detach().clone()
+                result.filled.append(key)
+            else:
+                missing.append(key)
+        elif have.shape == want.shape:
+            result.state_dict[key] = have.to(want.dtype)
+        elif _CLASS_DEPENDENT.fullmatch(key) or key in EVAL_SIZE_BUFFERS:
+            result.state_dict[key] = want.detach().clone()
+            result.skipped.append(key)
+        else:
+            mismatched.append(f"{key} {tuple(have.shape)} vs {tuple(want.shape)}")
+    extra = [k for k in state_dict if k not in target]
+    unexpected = [k for k in extra if k not in EVAL_SIZE_BUFFERS]
+    result.dropped = [k for k in extra if k in EVAL_SIZE_BUFFERS]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"{title} ({len(keys)}): {_listed(keys)}"
+            for title, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches, checkpoint vs model", mismatched),
+            )
+            if keys
+        ]
+        hint = ""
+        if any(k.startswith("model.backbone.") for k in unexpected):
+            hint = " (this looks like a Hugging Face checkpoint: convert it with --from hf)"
+        raise ValueError(f"{source} does not fit the model{hint}: " + "; ".join(problems))
+    if result.skipped:
+        logger.warning(
+            "kept the model's own tensors (checkpoint shapes differ in class count or eval size) "
+            "for: %s",
+            ", ".join(result.skipped),
+        )
+    return result
+
+
+def convert_reference_state_dict(
+    obj: Any, name: str, target: Mapping[str, Tensor] | None = None
+) -> ConversionResult:
+    """Convert a reference RT-DETRv2 checkpoint (or one of ours) into a state dict for ``name``.
+
+    Args:
+        obj: a loaded checkpoint: a full reference training checkpoint (``model``, ``ema``,
+            ``optimizer``, ...), a released ``{"ema": {"module": sd}}`` file, our converted
+            ``{"model": sd, "meta": ...}`` file, or a bare state dict (:func:`extract_state_dict`).
+        name: zoo size, one of :data:`MODEL_NAMES`.
+        target: the target model's ``state_dict()``. When omitted, ``create_model(name)`` is built
+            with the checkpoint's own number of classes and used as the target.
+
+    Returns:
+        A :class:`ConversionResult`; keys equal the reference keys (SPEC §10).
+    """
+    check_model_name(name)
+    state = extract_state_dict(obj)
+    if target is None:
+        target = build_target_state_dict(name, infer_num_classes(state))
+    return align_to_target(state, target, source=f"reference checkpoint for {name}")
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a zoo size (:data:`MODEL_NAMES`)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; choose one of {list(MODEL_NAMES)}")
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
