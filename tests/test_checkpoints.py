@@ -62,7 +62,7 @@ def _random_state(layout: dict, seed: int, resize: dict[str, tuple[int, ...]] | 
 
 
 def _assert_same(result: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert list(result) == list(expected)
+    assert set(result) == set(expected)
     bad = [k for k in expected if not torch.equal(result[k], expected[k])]
     assert not bad, f"values differ at {bad[:5]}"
 
@@ -307,6 +307,8 @@ def test_hf_errors_name_the_keys(hf_r18, r18_target):
     hf = {**hf_r18.state_dict(), "model.decoder.weight_embedding.weight": torch.ones(300, 256)}
     with pytest.raises(ValueError, match=r"no rtdetr_lit counterpart.*weight_embedding"):
         convert_hf_state_dict(hf, "r18", target=r18_target)
+    with pytest.raises(ValueError, match="entry 'ema' is a dict"):
+        convert_hf_state_dict({"ema": {"module": {}}}, "r18", target=r18_target)
 
 
 # (c) safe loading ----------------------------------------------------------------------------
@@ -354,13 +356,28 @@ def test_cli_help(capsys):
     assert "--num-classes" in capsys.readouterr().out
 
 
-def test_cli_reference_end_to_end(tmp_path):
-    import rtdetr_lit
-
-    if not hasattr(rtdetr_lit, "create_model"):
+def _create_model():
+    try:
+        from rtdetr_lit import create_model
+    except ImportError:
         pytest.skip("create_model not available yet")
+    return create_model
+
+
+def test_default_target_uses_the_checkpoint_class_count(r18_layout):
+    _create_model()
+    resize = {k: (20, *r18_layout[k][0][1:]) for k in _CLASS_KEYS}
+    resize["decoder.denoising_class_embed.weight"] = (21, 256)
+    source = _random_state(r18_layout, seed=7, resize=resize)
+    result = convert_reference_state_dict({"ema": {"module": source}}, "r18")
+    assert result.skipped == []
+    _assert_same(result.state_dict, source)
+
+
+def test_cli_reference_end_to_end(tmp_path):
+    create_model = _create_model()
     torch.manual_seed(0)
-    source = {k: v.clone() for k, v in rtdetr_lit.create_model("r18").state_dict().items()}
+    source = {k: v.clone() for k, v in create_model("r18").state_dict().items()}
     for value in source.values():
         value.copy_(torch.randn_like(value) if value.is_floating_point() else value + 7)
     path_in, path_out = tmp_path / "ref.pth", tmp_path / "out" / "r18.pth"

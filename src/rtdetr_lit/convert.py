@@ -54,6 +54,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -158,14 +159,21 @@ def _compile(spec: str) -> tuple[str, str]:
     return "".join(regex), "".join(template)
 
 
-def _compile_pairs(specs: list[tuple[str, str]], ours_tail: str, hf_tail: str) -> list[tuple]:
-    compiled = []
+class _Rule(NamedTuple):
+    ours: re.Pattern[str]
+    ours_template: str
+    hf: re.Pattern[str]
+    hf_template: str
+
+
+def _compile_pairs(specs: list[tuple[str, str]], ours_tail: str, hf_tail: str) -> list[_Rule]:
+    rules = []
     for ours, hf in specs:
         (ours_rx, ours_tpl), (hf_rx, hf_tpl) = _compile(ours), _compile(hf)
-        compiled.append(
-            (re.compile(ours_rx + ours_tail), ours_tpl, re.compile(hf_rx + hf_tail), hf_tpl)
+        rules.append(
+            _Rule(re.compile(ours_rx + ours_tail), ours_tpl, re.compile(hf_rx + hf_tail), hf_tpl)
         )
-    return compiled
+    return rules
 
 
 _RULES = _compile_pairs(_RULE_SPECS, "", "")
@@ -176,18 +184,29 @@ _PACKED = _compile_pairs(
 )
 
 
-def _rename(key: str, to_hf: bool) -> str | None:
-    for ours_rx, ours_tpl, hf_rx, hf_tpl in _RULES:
-        match = (ours_rx if to_hf else hf_rx).fullmatch(key)
+def _match(rules: list[_Rule], key: str, to_hf: bool) -> tuple[re.Match[str], str] | None:
+    """First rule matching ``key`` on its own side: the match and the other side's template."""
+    for rule in rules:
+        match = (rule.ours if to_hf else rule.hf).fullmatch(key)
         if match:
-            return match.expand(hf_tpl if to_hf else ours_tpl)
+            return match, rule.hf_template if to_hf else rule.ours_template
     return None
+
+
+def _too_many(keys: list[str]) -> str:
+    return f"({len(keys)}): {', '.join(keys[:12])}" + (", ..." if len(keys) > 12 else "")
 
 
 def _canonical_hf(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
     """Current HF spellings, tied aliases resolved; returns (state, dropped alias keys)."""
     state: dict[str, Tensor] = {}
     for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"entry {key!r} is a {type(value).__name__}: expected a flat HF state dict "
+                "(model.safetensors, pytorch_model.bin); for a reference checkpoint use --from "
+                "reference"
+            )
         for pattern, replacement in _HF_LEGACY:
             key = pattern.sub(replacement, key)
         if key in state:
@@ -231,17 +250,21 @@ def convert_hf_state_dict(
     qkv_parts: dict[str, dict[str, Tensor]] = {}
     unknown = []
     for key, value in hf.items():
-        packed = [(m, tpl) for _, tpl, rx, _ in _PACKED if (m := rx.fullmatch(key))]
-        if packed:
-            match, ours_tpl = packed[0]
-            packed_key = f"{match.expand(ours_tpl)}.in_proj_{match['kind']}"
+        if packed := _match(_PACKED, key, to_hf=False):
+            match, template = packed
+            packed_key = f"{match.expand(template)}.in_proj_{match['kind']}"
             qkv_parts.setdefault(packed_key, {})[match["qkv"]] = value
-        elif (new_key := _rename(key, to_hf=False)) is not None:
-            ours[new_key] = value
+        elif renamed := _match(_RULES, key, to_hf=False):
+            ours[renamed[0].expand(renamed[1])] = value
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"HF keys with no rtdetr_lit counterpart ({len(unknown)}): {unknown}")
+        hint = (
+            " (a reference checkpoint? use --from reference)"
+            if unknown[0].startswith("backbone.")
+            else ""
+        )
+        raise ValueError(f"HF keys with no rtdetr_lit counterpart{hint} {_too_many(unknown)}")
     for key, parts in qkv_parts.items():
         if sorted(parts) != ["k", "q", "v"]:
             raise ValueError(f"{key}: HF checkpoint has only the {sorted(parts)} projections")
@@ -268,18 +291,17 @@ def to_hf_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     for key, value in state_dict.items():
         if key in EVAL_SIZE_BUFFERS:
             continue
-        packed = [(m, tpl) for rx, _, _, tpl in _PACKED if (m := rx.fullmatch(key))]
-        if packed:
-            match, hf_tpl = packed[0]
-            path = match.expand(hf_tpl)
+        if packed := _match(_PACKED, key, to_hf=True):
+            match, template = packed
+            path = match.expand(template)
             for letter, part in zip("qkv", value.chunk(3), strict=True):
                 out[f"{path}.{letter}_proj.{match['kind']}"] = part.clone()
-        elif (new_key := _rename(key, to_hf=True)) is not None:
-            out[new_key] = value
+        elif renamed := _match(_RULES, key, to_hf=True):
+            out[renamed[0].expand(renamed[1])] = value
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"keys with no HF counterpart ({len(unknown)}): {unknown}")
+        raise ValueError(f"keys with no HF counterpart {_too_many(unknown)}")
     for key in [k for k in out if k.startswith(tuple("model.decoder." + a for a in _HF_ALIASES))]:
         out[key[len("model.decoder.") :]] = out[key]
     return out
