@@ -1,0 +1,68 @@
+"""The whole detector: backbone -> hybrid encoder -> decoder, with the switches users turn."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rtdetr_lit.models.backbone import PResNet
+from rtdetr_lit.models.decoder import RTDETRTransformer
+from rtdetr_lit.models.deploy import fuse_for_deploy
+from rtdetr_lit.models.encoder import HybridEncoder
+
+__all__ = ["RTDETR"]
+
+
+class RTDETR(nn.Module):
+    """RT-DETRv2. State-dict keys are the reference's (``backbone.``, ``encoder.``, ``decoder.``).
+
+    ``forward(images)`` in eval mode: ``images`` float (B, 3, H, W) in [0, 1], H and W multiples of
+    32, returns ``pred_logits`` (B, Q, C) and ``pred_boxes`` (B, Q, 4) normalised cxcywh.
+    ``forward(images, targets)`` in training mode: ``targets`` is a list of dicts with ``labels``
+    (N,) int64 and ``boxes`` (N, 4) normalised cxcywh; the output also holds ``aux_outputs``,
+    ``enc_outputs``, ``dn_outputs`` and ``dn_meta`` for the loss (see ``RTDETRTransformer``).
+    """
+
+    def __init__(self, backbone: PResNet, encoder: HybridEncoder, decoder: RTDETRTransformer):
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(
+        self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None
+    ) -> dict:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[-2] % 32 or images.shape[-1] % 32:
+            raise ValueError(f"image height and width must be multiples of 32, got {images.shape}")
+        return self.decoder(self.encoder(self.backbone(images)), targets)
+
+    @property
+    def eval_idx(self) -> int:
+        """The last decoder layer run at inference (-1 = the last layer). Settable on a trained
+        model: fewer layers trade accuracy for speed without retraining."""
+        return self.decoder.eval_idx
+
+    @eval_idx.setter
+    def eval_idx(self, value: int) -> None:
+        self.decoder.eval_idx = value
+
+    @property
+    def sampling_method(self) -> str:
+        return self.decoder.sampling_method
+
+    def set_sampling_method(self, method: str) -> RTDETR:
+        """Switch every decoder cross-attention to ``"grid_sample"`` or ``"discrete"`` sampling.
+
+        Discrete sampling has no gradient for the sampling offsets, so they stop training; the
+        state-dict keys do not change.
+        """
+        self.decoder.set_sampling_method(method)
+        return self
+
+    def deploy(self) -> RTDETR:
+        """Switch to eval mode and fuse RepVGG blocks and conv+BN pairs (same outputs, faster)."""
+        self.eval()
+        fuse_for_deploy(self)
+        return self

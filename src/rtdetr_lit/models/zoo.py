@@ -1,0 +1,137 @@
+"""The named model sizes (SPEC §1) and ``create_model``, the one public factory.
+
+The Hydra ``model=`` configs build through :func:`create_model` too, passing the size's values
+explicitly so they show in the composed config; a test keeps the two in agreement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rtdetr_lit.models.backbone import PResNet
+from rtdetr_lit.models.decoder import RTDETRTransformer
+from rtdetr_lit.models.detector import RTDETR
+from rtdetr_lit.models.encoder import HybridEncoder
+
+__all__ = ["MODEL_SIZES", "ModelSpec", "create_model"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Every hyper-parameter of one detector; :func:`create_model` accepts each as an override."""
+
+    backbone_depth: int
+    encoder_hidden_dim: int = 256
+    encoder_ffn_dim: int = 1024
+    expansion: float = 1.0
+    num_decoder_layers: int = 6
+    eval_idx: int = -1
+    freeze_at: int = -1
+    freeze_norm: bool = False
+    decoder_hidden_dim: int = 256
+    decoder_ffn_dim: int = 1024
+    num_heads: int = 8
+    num_queries: int = 300
+    num_points: tuple[int, ...] = (4, 4, 4)
+    sampling_method: str = "grid_sample"
+    num_denoising: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    eval_spatial_size: tuple[int, int] | None = (640, 640)
+    backbone_weights: str | None = None
+
+
+# SPEC §1. S and M* train their backbone BN; M, L and X freeze the stem and every backbone BN.
+MODEL_SIZES: dict[str, ModelSpec] = {
+    "r18": ModelSpec(18, expansion=0.5, num_decoder_layers=3),
+    "r34": ModelSpec(34, expansion=0.5, num_decoder_layers=4),
+    "r50m": ModelSpec(50, expansion=0.5, eval_idx=2, freeze_at=0, freeze_norm=True),
+    "r50": ModelSpec(50, freeze_at=0, freeze_norm=True),
+    "r101": ModelSpec(
+        101, encoder_hidden_dim=384, encoder_ffn_dim=2048, freeze_at=0, freeze_norm=True
+    ),
+    # Not a zoo size: S slimmed for CPU demos (`make train`); see README "The demo model".
+    "demo": ModelSpec(
+        18,
+        encoder_hidden_dim=128,
+        encoder_ffn_dim=512,
+        expansion=0.5,
+        num_decoder_layers=3,
+        decoder_hidden_dim=128,
+        decoder_ffn_dim=512,
+        num_queries=100,
+        num_denoising=50,
+        eval_spatial_size=(320, 320),
+    ),
+}
+
+
+def _as_size(value: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    h, w = (value, value) if isinstance(value, int) else tuple(value)
+    if h % 32 or w % 32:
+        raise ValueError(f"eval_spatial_size must be multiples of 32, got {(h, w)}")
+    return int(h), int(w)
+
+
+def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDETR:
+    """Build the detector ``name``: ``r18``, ``r34``, ``r50m``, ``r50``, ``r101`` or ``demo``.
+
+    ``overrides`` replace any :class:`ModelSpec` field, e.g. ``num_points=[4, 2, 1]``,
+    ``sampling_method="discrete"``, ``eval_idx=1`` or ``backbone_weights="resnet18.pth"`` (a local
+    file; nothing is downloaded). Weights are randomly initialised as SPEC §4-§5 prescribe.
+    """
+    if name not in MODEL_SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_SIZES)}")
+    fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(
+            f"create_model({name!r}): unknown override(s) {unknown}; valid: {sorted(fields)}"
+        )
+    spec = dataclasses.replace(MODEL_SIZES[name], **overrides)
+    num_points = tuple(int(n) for n in spec.num_points)
+    if len(num_points) != 3 or min(num_points) < 1:
+        raise ValueError(
+            f"num_points needs one positive count per feature level (3), got {num_points}"
+        )
+    eval_size = _as_size(spec.eval_spatial_size)
+    weights = str(Path(spec.backbone_weights)) if spec.backbone_weights else None
+
+    backbone = PResNet(
+        spec.backbone_depth,
+        freeze_at=spec.freeze_at,
+        freeze_norm=spec.freeze_norm,
+        weights=weights,
+    )
+    encoder = HybridEncoder(
+        backbone.out_channels,
+        feat_strides=backbone.out_strides,
+        hidden_dim=spec.encoder_hidden_dim,
+        num_heads=spec.num_heads,
+        dim_feedforward=spec.encoder_ffn_dim,
+        expansion=spec.expansion,
+        eval_spatial_size=eval_size,
+    )
+    decoder = RTDETRTransformer(
+        num_classes=num_classes,
+        hidden_dim=spec.decoder_hidden_dim,
+        num_queries=spec.num_queries,
+        feat_channels=[spec.encoder_hidden_dim] * len(backbone.out_channels),
+        feat_strides=backbone.out_strides,
+        num_points=num_points,
+        num_heads=spec.num_heads,
+        num_layers=spec.num_decoder_layers,
+        dim_feedforward=spec.decoder_ffn_dim,
+        num_denoising=spec.num_denoising,
+        label_noise_ratio=spec.label_noise_ratio,
+        box_noise_scale=spec.box_noise_scale,
+        eval_spatial_size=eval_size,
+        eval_idx=spec.eval_idx,
+        sampling_method=spec.sampling_method,
+    )
+    return RTDETR(backbone, encoder, decoder)
