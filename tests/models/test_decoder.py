@@ -85,15 +85,19 @@ def test_no_anchor_buffers_without_eval_size():
     assert "anchors" not in keys and "valid_mask" not in keys
 
 
+def _logit(p: list) -> torch.Tensor:
+    p = torch.tensor(p)
+    return torch.log(p / (1 - p))
+
+
 def test_generate_anchors_by_hand_non_square():
     anchors, valid = generate_anchors([(2, 3), (1, 2)])
-    logit = lambda p: torch.log(torch.tensor(p) / (1 - torch.tensor(p)))  # noqa: E731
     want = [[(x + 0.5) / 3, (y + 0.5) / 2, 0.05, 0.05] for y in range(2) for x in range(3)] + [
         [(x + 0.5) / 2, 0.5, 0.1, 0.1] for x in range(2)
     ]
     assert anchors.shape == (1, 8, 4) and valid.shape == (1, 8, 1) and valid.dtype == torch.bool
     assert valid.all()
-    torch.testing.assert_close(anchors[0], logit(want))
+    torch.testing.assert_close(anchors[0], _logit(want))
     # centres too close to the border and sizes >= 0.99 are invalid and set to +inf
     anchors, valid = generate_anchors([(1, 60), (1, 1)], grid_size=0.5)
     want_valid = [False] + [True] * 58 + [False] + [False]  # level 1 box size 1.0
