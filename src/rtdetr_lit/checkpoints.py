@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "EVAL_SIZE_BUFFERS",
@@ -45,6 +45,7 @@ __all__ = [
     "extract_state_dict",
     "infer_num_classes",
     "load_checkpoint_file",
+    "load_model_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -268,3 +269,21 @@ def check_model_name(name: str) -> None:
 def _listed(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
+    """Load the weights stored in ``path`` into ``model`` (strictly) and return skipped keys.
+
+    Accepts a Lightning checkpoint of ``RTDETRModule`` (its ``state_dict`` holds the EMA weights
+    when the EMA callback ran; the ``net.`` prefix is stripped), a file written by
+    ``python -m rtdetr_lit.convert``, a reference checkpoint (EMA preferred) or a bare state dict.
+    Class-dependent tensors of another shape (a different number of classes) and eval-size buffers
+    keep the model's own values; their keys are returned and logged.
+    """
+    obj = load_checkpoint_file(path)
+    if isinstance(obj, Mapping) and "pytorch-lightning_version" in obj:
+        prefix = "net."
+        obj = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+    result = align_to_target(extract_state_dict(obj), model.state_dict(), source=str(path))
+    model.load_state_dict(result.state_dict, strict=True)
+    return result.skipped

@@ -1,0 +1,67 @@
+"""Exponential moving average of the weights with RT-DETR's warm-up ramp (SPEC §9)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+__all__ = ["EMA", "ema_decay"]
+
+
+def ema_decay(updates: int, decay: float = 0.9999, warmup_steps: int = 2000) -> float:
+    """Decay used at the ``updates``-th update (1-based): ``decay * (1 - exp(-updates / warmup))``.
+
+    Small at first, so the average follows the fast-changing early weights, then close to ``decay``.
+    """
+    return decay * (1.0 - math.exp(-updates / warmup_steps))
+
+
+def _ema_update(decay: float, warmup_steps: int) -> Callable[..., None]:
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        # Called once per (device, dtype) group. Integer and bool state (BN step counters, masks)
+        # is copied, not averaged.
+        if not averaged[0].is_floating_point():
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+            return
+        # n counts earlier updates; the first one copied the weights outright.
+        d = ema_decay(int(n) + 1, decay, warmup_steps)
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
+
+
+class EMA(WeightAveraging):
+    """EMA of every parameter and buffer of the LightningModule, updated after each optimizer step.
+
+    Built on Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging`: validation runs
+    on the averaged weights, checkpoints store them as ``state_dict`` (the raw weights go to
+    ``current_model_state``), and when training ends the model keeps the averaged weights, so
+    testing and exporting use them too. The first update copies the weights; update ``k`` > 1 uses
+    :func:`ema_decay` ``(k)``. :meth:`restart` begins a fresh average (discrete fine-tuning).
+    """
+
+    def __init__(
+        self, decay: float = 0.9999, warmup_steps: int = 2000, device: str | None = None
+    ) -> None:
+        if not 0.0 < decay < 1.0 or warmup_steps <= 0:
+            raise ValueError("EMA needs 0 < decay < 1 and warmup_steps > 0")
+        super().__init__(
+            device=device, use_buffers=True, multi_avg_fn=_ema_update(decay, warmup_steps)
+        )
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+
+    @property
+    def num_updates(self) -> int:
+        """How many updates the current average has seen (0 before training)."""
+        model = self._average_model
+        return 0 if model is None else int(model.n_averaged)
+
+    def restart(self) -> None:
+        """Forget the average: the next update copies the current weights and the ramp restarts."""
+        if self._average_model is not None:
+            self._average_model.n_averaged.zero_()

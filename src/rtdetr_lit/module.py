@@ -1,0 +1,245 @@
+"""``RTDETRModule``: the LightningModule that trains and evaluates a detector.
+
+Thin glue: the detector, the criterion and the post-processor are plain modules injected by the
+Hydra config (``conf/model/_default.yaml``); this class wires them to the Trainer, builds the
+optimizer groups of SPEC §9 and computes COCO mAP with torchmetrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.ops import box_convert
+
+from rtdetr_lit.checkpoints import load_model_weights
+from rtdetr_lit.models.postprocess import RTDETRPostProcessor
+from rtdetr_lit.optim import build_param_groups
+
+__all__ = ["RTDETRModule"]
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]]]
+_MAP_KEYS = {
+    "mAP": "map",
+    "mAP_50": "map_50",
+    "mAP_75": "map_75",
+    "mAP_small": "map_small",
+    "mAP_medium": "map_medium",
+    "mAP_large": "map_large",
+}
+
+
+def _coco_map() -> MeanAveragePrecision:
+    # faster-coco-eval is a drop-in, much faster COCOeval; pycocotools is the fallback.
+    try:
+        import faster_coco_eval  # noqa: F401
+
+        backend = "faster_coco_eval"
+    except ImportError:
+        backend = "pycocotools"
+    return MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", class_metrics=True, backend=backend
+    )
+
+
+def _to_float32(outputs: Any) -> Any:
+    """Cast every floating tensor in a (nested) model output to float32 for the loss."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: _to_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [_to_float32(v) for v in outputs]
+    return outputs
+
+
+class RTDETRModule(L.LightningModule):
+    """Train/evaluate ``net`` with ``criterion``; report COCO mAP through ``postprocessor``.
+
+    Args:
+        net: the detector (``rtdetr_lit.create_model``).
+        criterion: ``RTDETRCriterion``; returns a dict of already weighted loss terms.
+        postprocessor: ``RTDETRPostProcessor`` (SPEC §8).
+        optimizer: a partial taking ``params`` (e.g. ``torch.optim.AdamW``).
+        scheduler: a partial taking ``optimizer`` and ``total_steps``; stepped every iteration.
+        backbone_lr: learning rate of the backbone (SPEC §9); ``None`` = the optimizer's lr.
+        no_weight_decay_on_bias: also no weight decay on encoder/decoder biases (M*).
+        init_from: a checkpoint whose weights initialise ``net`` (EMA weights when present);
+            a Lightning checkpoint of this module, a converted file or a reference checkpoint.
+        category_ids: dataset category id of each contiguous label, for results and metrics;
+            by default taken from the datamodule (``datamodule.category_ids``) at setup.
+        class_names: names for the per-class AP table; by default from the datamodule.
+
+    Batches are ``(images, targets)`` as described in ``rtdetr_lit.data``: images float
+    (B, 3, H, W) in [0, 1]; targets with ``boxes`` (normalised cxcywh), ``labels``, ``image_id``,
+    ``orig_size`` (w, h), ``iscrowd`` and ``area``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        criterion: nn.Module,
+        postprocessor: RTDETRPostProcessor,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        backbone_lr: float | None = None,
+        no_weight_decay_on_bias: bool = False,
+        init_from: str | None = None,
+        category_ids: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        # Modules and partials stay out of the checkpoint: it must load with weights_only=True.
+        self.save_hyperparameters(
+            ignore=["net", "criterion", "postprocessor", "optimizer", "scheduler"], logger=False
+        )
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.net = net
+        self.criterion = criterion
+        if postprocessor.category_ids is not None:
+            raise ValueError("give category_ids to RTDETRModule, not to its postprocessor")
+        self.postprocessor = postprocessor
+        self.category_ids = list(category_ids) if category_ids is not None else None
+        self.class_names = list(class_names) if class_names is not None else None
+        self.val_map = _coco_map()
+        self.test_map = _coco_map()
+        self.val_map_best = MaxMetric()
+        if init_from:
+            missing = load_model_weights(self.net, init_from)
+            log.info("initialised the model from %s", init_from)
+            if missing:
+                log.warning("kept the fresh initialisation of: %s", ", ".join(missing))
+
+    # -- set-up -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.category_ids is None and getattr(dm, "category_ids", None) is not None:
+            self.category_ids = list(dm.category_ids)
+        if self.class_names is None and getattr(dm, "class_names", None) is not None:
+            self.class_names = list(dm.class_names)
+        num_classes = getattr(dm, "num_classes", None)
+        model_classes = self.postprocessor.num_classes
+        if num_classes is not None and num_classes != model_classes:
+            raise ValueError(
+                f"the dataset has {num_classes} classes but the model was built for "
+                f"{model_classes}: set data.num_classes (the model reads it)"
+            )
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Eval-mode detector outputs: ``pred_logits`` (B, Q, C), ``pred_boxes`` (B, Q, 4)."""
+        return self.net(images)
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        outputs = self.net(images, targets)
+        # Autocast (bf16/fp16) covers the forward only: matching and losses run in float32.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            losses = self.criterion(_to_float32(outputs), targets)
+        loss = sum(losses.values())
+        batch_size = images.shape[0]
+        log = partial(self.log, batch_size=batch_size, sync_dist=False)
+        log("train/loss", loss, prog_bar=True)
+        for name in ("loss_vfl", "loss_bbox", "loss_giou"):
+            if name in losses:
+                log(f"train/{name}", losses[name])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        # Probe the partial's defaults (lr, weight decay) with one dummy parameter.
+        defaults = self.optimizer_factory(params=[torch.zeros(1, requires_grad=True)]).defaults
+        groups = build_param_groups(
+            self.net,
+            lr=defaults["lr"],
+            weight_decay=defaults.get("weight_decay", 0.0),
+            backbone_lr=hp.backbone_lr,
+            no_weight_decay_on_bias=hp.no_weight_decay_on_bias,
+        )
+        optimizer = self.optimizer_factory(params=groups)
+        for g in groups:
+            log.info("param group %-18s %4d tensors  lr %.2e  weight decay %.1e",
+                     g["name"], len(g["params"]), g["lr"], g["weight_decay"])  # fmt: skip
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _update_map(self, metric: MeanAveragePrecision, batch: Batch) -> None:
+        """Detect on ``batch`` and add it to ``metric`` in original pixels and category ids."""
+        images, targets = batch
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(images.device)
+        preds = self.postprocessor(_to_float32(self.net(images)), sizes)
+        ids = None
+        if self.category_ids is not None:
+            ids = torch.as_tensor(self.category_ids, device=images.device)
+        gts = []
+        for pred, t in zip(preds, targets, strict=True):
+            scale = t["orig_size"].to(t["boxes"]).repeat(2)
+            boxes = box_convert(t["boxes"], "cxcywh", "xyxy") * scale
+            labels = t["labels"]
+            if ids is not None:
+                labels, pred["labels"] = ids[labels], ids[pred["labels"]]
+            gts.append(
+                {"boxes": boxes, "labels": labels, "iscrowd": t["iscrowd"], "area": t["area"]}
+            )
+        metric.update(preds, gts)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._update_map(self.val_map, batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._update_map(self.test_map, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        result = self._log_map(self.val_map, "val")
+        self.val_map_best(result["map"])
+        self.log("val/mAP_best", self.val_map_best.compute(), sync_dist=False)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_map(self.test_map, "test")
+
+    def _log_map(self, metric: MeanAveragePrecision, stage: str) -> dict[str, torch.Tensor]:
+        result = metric.compute()
+        metric.reset()
+        for name, key in _MAP_KEYS.items():
+            self.log(f"{stage}/{name}", result[key], prog_bar=name in ("mAP", "mAP_50"))
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._write_class_table(result, stage)
+        return result
+
+    def _write_class_table(self, result: dict[str, torch.Tensor], stage: str) -> None:
+        out_dir = Path(self.trainer.default_root_dir)
+        classes = result.get("classes")
+        per_class = result.get("map_per_class")
+        if classes is None or per_class is None or per_class.numel() != classes.numel():
+            return
+        names = {}
+        if self.class_names is not None:
+            ids = self.category_ids or list(range(len(self.class_names)))
+            names = dict(zip(ids, self.class_names, strict=False))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / f"{stage}_per_class_ap.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["category_id", "name", "AP"])
+            for cid, ap in zip(
+                classes.reshape(-1).tolist(), per_class.reshape(-1).tolist(), strict=True
+            ):
+                writer.writerow([cid, names.get(cid, ""), f"{ap:.4f}"])
