@@ -165,13 +165,8 @@ def infer_num_classes(state_dict: Mapping[str, Tensor]) -> int | None:
 def build_target_state_dict(name: str, num_classes: int | None = None) -> dict[str, Tensor]:
     """State dict of a freshly built ``rtdetr_lit.create_model(name, num_classes=...)``."""
     check_model_name(name)
-    try:
-        from rtdetr_lit import create_model
-    except ImportError as err:
-        raise RuntimeError(
-            "no target state dict given and rtdetr_lit.create_model is not available; "
-            "pass target=model.state_dict()"
-        ) from err
+    from rtdetr_lit import create_model
+
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return create_model(name, **kwargs).state_dict()
 

@@ -351,10 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see ``python -m rtdetr_lit.convert --help``."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        from rtdetr_lit import create_model
-    except ImportError as err:
-        raise SystemExit(f"error: rtdetr_lit.create_model is not available ({err})") from err
+    from rtdetr_lit import create_model
+
     try:
         checkpoint = load_checkpoint_file(args.input)
         source_sd = extract_state_dict(checkpoint) if args.source == "reference" else checkpoint

@@ -1,0 +1,57 @@
+"""Evaluate a checkpoint: ``python -m rtdetr_lit.eval ckpt_path=PATH [model=... data=...]``.
+
+Computes COCO mAP on the validation split. ``ckpt_path`` may be a Lightning checkpoint of a run
+(its EMA weights are used), a file written by ``python -m rtdetr_lit.convert``, or a reference
+RT-DETRv2 checkpoint. Give the same ``model=``/``data=`` (or ``experiment=``) as for training;
+``model.net.eval_idx=K`` and ``model.net.sampling_method=discrete`` evaluate faster variants.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from rtdetr_lit.config import CONFIG_DIR, ConfigError, register_schemas
+from rtdetr_lit.utils import build_callbacks, build_loggers, finish_run, prepare_run
+
+log = logging.getLogger(__name__)
+
+register_schemas()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Build data and model from ``cfg``, load ``cfg.ckpt_path`` into the model, validate."""
+    from hydra.utils import instantiate
+
+    from rtdetr_lit.checkpoints import load_model_weights
+
+    prepare_run(cfg)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model, init_from=None)
+    skipped = load_model_weights(module.net, cfg.ckpt_path)
+    if skipped:
+        raise ConfigError(
+            f"ckpt_path: {cfg.ckpt_path} does not fit model={cfg.model.net.name} with "
+            f"{cfg.data.num_classes} classes (differs in: {', '.join(skipped)})"
+        )
+    log.info("loaded %s", cfg.ckpt_path)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=build_callbacks(cfg.get("callbacks")),
+        logger=build_loggers(cfg.get("logger")),
+    )
+    trainer.validate(module, datamodule=datamodule)
+    return finish_run(cfg, trainer, dict(trainer.callback_metrics))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
