@@ -1,7 +1,7 @@
 """Small building blocks shared by the backbone, the encoder and the decoder.
 
-Module attribute names here (``conv``/``norm``, ``layers``) fix the state-dict keys, which follow the
-reference checkpoint layout (``shared/reference/*.tsv``) so that reference weights load by name.
+Module attribute names here (``conv``/``norm``, ``layers``) fix the state-dict keys, which follow
+the reference checkpoint layout (``shared/reference/*.tsv``) so that reference weights load by name.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class MLP(nn.Module):
         super().__init__()
         dims_in = [in_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out, strict=True))
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +102,8 @@ class MLP(nn.Module):
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
     """Replace every ``BatchNorm2d`` below ``module`` (or ``module`` itself) by a frozen copy.
 
-    The frozen norm keeps affine parameters and running statistics as buffers (eps 1e-5), so it holds
-    no trainable parameters and its state dict has no ``num_batches_tracked``.
+    The frozen norm keeps affine parameters and running statistics as buffers (eps 1e-5), so it
+    holds no trainable parameters and its state dict has no ``num_batches_tracked``.
     """
     if isinstance(module, nn.BatchNorm2d):
         frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
