@@ -1,0 +1,309 @@
+"""LightningDataModules for COCO-format, synthetic and YOLO-format datasets.
+
+The data module owns the epoch-dependent augmentation policy (SPEC §9): the training sampler
+tags every sample with its epoch, the dataset picks the pipeline from it and the collate function
+the multi-scale size. ``batch_size`` is global: each of the ``world_size`` processes loads
+``batch_size / world_size`` images per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from rtdetr_lit.data.annotations import DetectionAnnotations, load_coco, load_yolo
+from rtdetr_lit.data.dataset import DetectionDataset, EvalSampler, MultiScaleCollate, TrainSampler
+from rtdetr_lit.data.decode import ImageProbe, probe_image
+from rtdetr_lit.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
+from rtdetr_lit.data.transforms import AugmentConfig
+
+__all__ = ["CocoDataModule", "SyntheticDataModule", "YoloDataModule"]
+
+log = logging.getLogger(__name__)
+
+_SPLITS = ("train", "val", "test")
+
+
+def probe_images(paths: Sequence[str], workers: int = 8) -> list[ImageProbe]:
+    """Read the header (and tail) of every image, a few threads at a time."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(probe_image, paths, chunksize=64))
+
+
+class CocoDataModule(L.LightningDataModule):
+    """A COCO-format detection dataset: an image folder and an ``instances`` JSON per split.
+
+    Args:
+        root: the dataset folder (used by the config to derive the other paths).
+        train_images, train_annotations, val_images, val_annotations: folders and JSON files.
+        test_images, test_annotations: the test split; ``None`` tests on the validation split.
+        num_classes: the number of categories the model is built for; checked against the data.
+        batch_size: global training batch (all devices); ``val_batch_size`` likewise.
+        num_workers: DataLoader worker processes per device (persistent).
+        pin_memory: page-locked host memory for faster GPU copies.
+        image_size: network input (height, width).
+        skip_bad_images: leave out (and count) images that are missing, unreadable or of another
+            size than the annotations say, instead of stopping at set-up.
+        augment: ``AugmentConfig`` fields (SPEC §9 training augmentation and its stop epoch).
+        multiscale: ``enabled``, ``sizes`` and ``stop_epoch`` of the per-batch random resize.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train_images: str | None = None,
+        train_annotations: str | None = None,
+        val_images: str | None = None,
+        val_annotations: str | None = None,
+        test_images: str | None = None,
+        test_annotations: str | None = None,
+        num_classes: int | None = None,
+        batch_size: int = 16,
+        val_batch_size: int = 32,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        image_size: Sequence[int] = (640, 640),
+        skip_bad_images: bool = False,
+        augment: Mapping[str, Any] | None = None,
+        multiscale: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = root
+        self.paths = {
+            "train": (train_images, train_annotations),
+            "val": (val_images, val_annotations),
+            "test": (test_images, test_annotations),
+        }
+        self._num_classes = num_classes
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.image_size = tuple(int(v) for v in image_size)
+        if len(self.image_size) != 2 or any(v <= 0 or v % 32 for v in self.image_size):
+            raise ValueError(
+                f"data.image_size must be [height, width], multiples of 32: {image_size}"
+            )
+        self.skip_bad_images = skip_bad_images
+        self.augment = AugmentConfig(**(augment or {}))
+        ms = dict(multiscale or {})
+        self.collate_train = MultiScaleCollate(
+            ms.get("sizes", ()) if ms.get("enabled", False) else (), ms.get("stop_epoch", 0)
+        )
+        self.collate_eval = MultiScaleCollate()
+        self.annotations: dict[str, DetectionAnnotations] = {}
+        self.datasets: dict[str, DetectionDataset] = {}
+
+    # -- what the model needs to know ---------------------------------------------------------
+    def _first_loaded(self) -> DetectionAnnotations | None:
+        return next(iter(self.annotations.values()), None)
+
+    @property
+    def num_classes(self) -> int | None:
+        ann = self._first_loaded()
+        return ann.num_classes if ann is not None else self._num_classes
+
+    @property
+    def category_ids(self) -> list[int] | None:
+        ann = self._first_loaded()
+        return list(ann.category_ids) if ann is not None else None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        ann = self._first_loaded()
+        return list(ann.class_names) if ann is not None else None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        for split in wanted.get(stage or "", _SPLITS):
+            if split in self.datasets:
+                continue
+            images, annotations = self.paths[split]
+            if split == "test" and annotations is None:
+                images, annotations = self.paths["val"]
+            if annotations is None or images is None:
+                if stage is None:
+                    continue
+                raise ValueError(f"data.{split}_images / data.{split}_annotations are not set")
+            ann = self._load_split(split, images, annotations)
+            self.annotations[split] = ann
+            augment = self.augment if split == "train" else None
+            self.datasets[split] = DetectionDataset(ann, images, self.image_size, augment)
+
+    def read_annotations(self, images: str, annotations: str) -> DetectionAnnotations:
+        """Read one split's annotation source (a COCO JSON here)."""
+        return load_coco(annotations)
+
+    def _load_split(self, split: str, images: str, annotations: str) -> DetectionAnnotations:
+        if not os.path.isdir(images):
+            raise FileNotFoundError(f"data.{split}_images: no such folder {images}")
+        if not os.path.exists(annotations):
+            raise FileNotFoundError(f"data.{split}_annotations: no such file {annotations}")
+        ann = self.read_annotations(images, annotations)
+        if self._num_classes is not None and ann.num_classes != self._num_classes:
+            raise ValueError(
+                f"{annotations} has {ann.num_classes} categories but data.num_classes is "
+                f"{self._num_classes}: set data.num_classes={ann.num_classes}"
+            )
+        for other_split, other in self.annotations.items():
+            if other.category_ids != ann.category_ids:
+                raise ValueError(
+                    f"{annotations}: its categories {list(ann.category_ids)} differ from the "
+                    f"{other_split} split's {list(other.category_ids)}"
+                )
+        ann = self._check_images(split, images, ann)
+        log.info(
+            "%s: %d images (%d without objects), %d boxes, %d classes",
+            split,
+            len(ann),
+            int((np.diff(ann.box_offsets) == 0).sum()),
+            len(ann.boxes),
+            ann.num_classes,
+        )
+        return ann.sanitized(f"{annotations}")
+
+    def _check_images(self, split: str, images: str, ann: DetectionAnnotations):
+        """Probe every image: readable, and of the size the annotations were made on.
+
+        An image whose stored size matches the annotations but whose EXIF orientation would
+        rotate it is decoded without the rotation (the annotator saw it unrotated).
+        """
+        paths = [os.path.join(images, ann.file_name(i)) for i in range(len(ann))]
+        probes = probe_images(paths)
+        errors: list[str] = []
+        apply_exif = np.ones(len(ann), bool)
+        widths, heights = ann.widths.copy(), ann.heights.copy()
+        for i, (path, probe) in enumerate(zip(paths, probes, strict=True)):
+            if probe.error is not None:
+                errors.append(f"{path}: {probe.error}")
+                continue
+            declared = (int(ann.widths[i]), int(ann.heights[i]))
+            if declared == (0, 0):  # size not given: trust the file (as displayed)
+                widths[i], heights[i] = probe.width, probe.height
+            elif declared == (probe.raw_width, probe.raw_height) != (probe.width, probe.height):
+                apply_exif[i] = False
+            elif declared != (probe.width, probe.height):
+                errors.append(
+                    f"{path}: the image is {probe.width}x{probe.height} but the annotations say "
+                    f"{declared[0]}x{declared[1]}"
+                )
+        ann = ann.with_image_sizes(widths, heights, apply_exif)
+        if not errors:
+            return ann
+        shown = "\n  ".join(errors[:10]) + ("\n  ..." if len(errors) > 10 else "")
+        if not self.skip_bad_images:
+            raise ValueError(
+                f"{split}: {len(errors)} of {len(ann)} images cannot be used (set "
+                f"data.skip_bad_images=true to leave them out):\n  {shown}"
+            )
+        log.warning("%s: skipping %d bad images:\n  %s", split, len(errors), shown)
+        bad = {e.split(": ", 1)[0] for e in errors}
+        return ann.select_images(np.array([p not in bad for p in paths]))
+
+    # -- loaders -----------------------------------------------------------------------------
+    def _world_size(self) -> int:
+        trainer = self.trainer
+        return trainer.world_size if trainer is not None else 1
+
+    def _per_device(self, batch_size: int, key: str) -> int:
+        world = self._world_size()
+        if batch_size % world:
+            raise ValueError(
+                f"data.{key}={batch_size} is the global batch and must be divisible by the "
+                f"number of processes ({world})"
+            )
+        return batch_size // world
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        dataset = self.datasets[split]
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=TrainSampler(dataset, seed=_sampler_seed()) if train else EvalSampler(dataset),
+            collate_fn=self.collate_train if train else self.collate_eval,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.pin_memory,
+            drop_last=train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        per_device = self._per_device(self.batch_size, "batch_size")
+        log.info(
+            "batch size %d = %d per device x %d devices",
+            self.batch_size,
+            per_device,
+            self._world_size(),
+        )
+        return self._loader("train", per_device, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self._per_device(self.val_batch_size, "val_batch_size"), False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self._per_device(self.val_batch_size, "val_batch_size"), False)
+
+
+def _sampler_seed() -> int:
+    """The shuffling seed: the global torch seed, equal on every rank after ``seed_everything``."""
+    return int(torch.initial_seed() % 2**31)
+
+
+class SyntheticDataModule(CocoDataModule):
+    """The embedded shapes dataset (``data=synthetic``), generated under ``root`` on first use.
+
+    Args:
+        root: where the dataset is generated (``train/``, ``val/``, ``annotations/``).
+        synthetic: ``SyntheticConfig`` fields; changing any of them regenerates the dataset.
+        **kwargs: as ``CocoDataModule``.
+    """
+
+    def __init__(
+        self, root: str, synthetic: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        # The generator's layout, unless the caller says otherwise.
+        for split in ("train", "val"):
+            kwargs.setdefault(f"{split}_images", os.path.join(root, split))
+            kwargs.setdefault(
+                f"{split}_annotations", os.path.join(root, "annotations", f"instances_{split}.json")
+            )
+        super().__init__(root=root, **kwargs)
+        self.synthetic = SyntheticConfig(**(synthetic or {}))
+
+    def prepare_data(self) -> None:
+        ensure_synthetic_dataset(self.root, self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        # A no-op after prepare_data; generates when used outside a Trainer (scripts, notebooks).
+        ensure_synthetic_dataset(self.root, self.synthetic)
+        super().setup(stage)
+
+
+class YoloDataModule(CocoDataModule):
+    """A YOLO-format dataset: ``*_images`` folders and ``*_annotations`` label folders.
+
+    Each image ``name.ext`` has ``name.txt`` in the label folder with one ``class cx cy w h`` line
+    (normalised) per object; a missing label file means no objects. ``names`` lists the classes in
+    label-index order. Evaluated with COCO mAP like any other dataset.
+    """
+
+    def __init__(self, names: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.names = [str(n) for n in names]
+        if not self.names:
+            raise ValueError("data.names: the class names list is empty")
+
+    def read_annotations(self, images: str, annotations: str) -> DetectionAnnotations:
+        return load_yolo(images, annotations, self.names, probe_images)
