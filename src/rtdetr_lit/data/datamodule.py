@@ -131,8 +131,8 @@ class CocoDataModule(L.LightningDataModule):
             if split == "test" and annotations is None:
                 images, annotations = self.paths["val"]
             if annotations is None or images is None:
-                if stage is None:
-                    continue
+                if stage is None or (stage, split) == ("fit", "val"):
+                    continue  # training without validation is allowed
                 raise ValueError(f"data.{split}_images / data.{split}_annotations are not set")
             ann = self._load_split(split, images, annotations)
             self.annotations[split] = ann
@@ -249,7 +249,9 @@ class CocoDataModule(L.LightningDataModule):
         )
         return self._loader("train", per_device, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.paths["val"][1] is None:
+            return []  # no validation split: Lightning skips validation
         return self._loader("val", self._per_device(self.val_batch_size, "val_batch_size"), False)
 
     def test_dataloader(self) -> DataLoader:
