@@ -1,0 +1,234 @@
+"""Shared helpers of the ``scripts/bench_*.py`` benchmarks: set-up, timing, machine, models.
+
+The machine is small and shared, so every benchmark compares against a baseline measured in the
+same run: :func:`compare` interleaves the candidates round by round (A, B, A, B, ...) so that a
+burst of load from elsewhere hits all of them alike, and reports the median of each. Ratios
+between candidates are the numbers to read; absolute times move with the load.
+
+Usage in a script (``scripts/`` is on ``sys.path`` when a script there runs)::
+
+    from _bench import compare, print_header, print_table, setup
+
+    setup()
+    print_header("Model")
+    samples = compare({"ours": fn_a, "baseline": fn_b}, warmup=2, repeats=7)
+    ratios = print_table(samples, baseline="baseline")  # median, min, ratio of medians
+    print(load())  # how busy the machine was by the end
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "THREADS",
+    "build_module",
+    "compare",
+    "hf_labels",
+    "hf_twin",
+    "load",
+    "machine",
+    "medians",
+    "print_header",
+    "print_table",
+    "profile_table",
+    "random_targets",
+    "setup",
+    "train_step",
+]
+
+THREADS = 2
+
+
+def setup(seed: int = 0) -> None:
+    """Fix the thread count (the project machine has 2 cores), the seed and offline HF."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(seed)
+
+
+def machine() -> str:
+    """One line: CPU model, cores, threads used, Python, torch."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages: above ~2 others compete for the 2 cores."""
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def print_header(title: str) -> None:
+    print(f"# {title}")
+    print(f"machine: {machine()}")
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {load()}")
+
+
+def compare(
+    candidates: Mapping[str, Callable[[], object]], warmup: int = 2, repeats: int = 5
+) -> dict[str, list[float]]:
+    """Wall times in seconds of each callable, measured interleaved in the same run.
+
+    Every candidate runs ``warmup`` untimed calls first (one-off allocations, lazy caches), then
+    ``repeats`` rounds each time every candidate once, in turn. Returns the samples per name.
+    """
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def medians(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def print_table(
+    samples: Mapping[str, Sequence[float]], baseline: str, unit: str = "ms"
+) -> dict[str, float]:
+    """Markdown table of median and minimum per case and the ratio of medians to ``baseline``;
+    returns those ratios. (Under load from elsewhere the minimum is the steadier number.)"""
+    scale = {"ms": 1e3, "s": 1.0, "us": 1e6}[unit]
+    mid = medians(samples)
+    ratios = {name: mid[name] / mid[baseline] for name in samples}
+    print(f"| case | median ({unit}) | min ({unit}) | ratio to {baseline} |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, times in samples.items():
+        print(
+            f"| {name} | {mid[name] * scale:.1f} | {min(times) * scale:.1f} | {ratios[name]:.2f} |"
+        )
+    return ratios
+
+
+def profile_table(fn: Callable[[], object], steps: int = 2, rows: int = 15) -> str:
+    """torch.profiler table (CPU ops by self time) of ``steps`` calls of ``fn`` after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def build_module(name: str, num_classes: int, image_size: int):
+    """The ``RTDETRModule`` that ``python -m rtdetr_lit.train model=<name>`` builds (criterion,
+    matcher and optimizer settings from ``conf/``), without initial weights."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from rtdetr_lit.config import CONFIG_DIR, register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    overrides = [
+        f"model={name}",
+        f"data.num_classes={num_classes}",
+        f"data.image_size=[{image_size},{image_size}]",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return instantiate(cfg.model, init_from=None)
+
+
+def random_targets(
+    batch: int, num_classes: int, mean_boxes: int = 7, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """COCO-like targets: 1..2*mean_boxes-1 boxes per image (mean ``mean_boxes``), normalised
+    cxcywh boxes of 2%..40% of the side, inside the image."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(1, 2 * mean_boxes, (1,), generator=gen))
+        size = 0.02 + 0.38 * torch.rand(n, 2, generator=gen)
+        centre = size / 2 + (1 - size) * torch.rand(n, 2, generator=gen)
+        labels = torch.randint(0, num_classes, (n,), generator=gen)
+        targets.append({"labels": labels, "boxes": torch.cat([centre, size], dim=1)})
+    return targets
+
+
+def hf_labels(targets: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Our targets in HF's ``labels`` spelling."""
+    return [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
+
+def hf_twin(ours: nn.Module, num_classes: int, method: str = "grid_sample") -> nn.Module:
+    """``transformers.RTDetrV2ForObjectDetection`` with the architecture of our ``r18`` and the
+    weights of ``ours`` (through :func:`rtdetr_lit.convert.to_hf_state_dict`, strict load).
+    Its loss settings are HF's defaults, which equal ours (matcher 2/5/2, VFL/L1/GIoU 1/5/2)."""
+    import transformers
+
+    from rtdetr_lit.convert import to_hf_state_dict
+
+    backbone = transformers.RTDetrResNetConfig(
+        depths=[2, 2, 2, 2], layer_type="basic", hidden_sizes=[64, 128, 256, 512],
+        out_indices=[2, 3, 4],
+    )  # fmt: skip
+    config = transformers.RTDetrV2Config(
+        backbone_config=backbone,
+        encoder_in_channels=[128, 256, 512],
+        hidden_expansion=0.5,
+        decoder_layers=3,
+        freeze_backbone_batch_norms=False,
+        num_labels=num_classes,
+        decoder_method={"grid_sample": "default", "discrete": "discrete"}[method],
+    )
+    hf = transformers.RTDetrV2ForObjectDetection(config)
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=True)
+    return hf
+
+
+@contextmanager
+def _phase(phases: dict[str, float] | None, name: str):
+    start = time.perf_counter()
+    yield
+    if phases is not None:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def train_step(
+    net: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    targets: list[dict[str, torch.Tensor]],
+    phases: dict[str, float] | None = None,
+) -> None:
+    """One plain training step of our detector; adds each phase's seconds to ``phases``."""
+    with _phase(phases, "forward"):
+        outputs = net(images, targets)
+    with _phase(phases, "loss"):
+        loss = sum(criterion(outputs, targets).values())
+    with _phase(phases, "backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with _phase(phases, "optimizer"):
+        optimizer.step()
