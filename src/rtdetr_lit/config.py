@@ -100,11 +100,34 @@ class EvalSchema(_CommonSchema):
     task_name: str = "eval"
 
 
+@dataclass
+class ExportSchema(_CommonSchema):
+    task_name: str = "export"
+    format: str = "onnx"
+    opset: int = 17
+    output: Any = None
+    image_size: Any = None
+
+
+@dataclass
+class PredictSchema(_CommonSchema):
+    task_name: str = "predict"
+    source: Any = None
+    threshold: float = 0.5
+    backend: str = "torch"
+    batch_size: int = 1
+    output: Any = None
+    image_size: Any = None
+    opset: int = 17
+
+
 def register_schemas() -> None:
-    """Register the schemas that ``train.yaml`` and ``eval.yaml`` name in their defaults lists."""
+    """Register the schemas that the entry configs (``train.yaml``, ...) name in their defaults."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainSchema)
     cs.store(name="eval_schema", node=EvalSchema)
+    cs.store(name="export_schema", node=ExportSchema)
+    cs.store(name="predict_schema", node=PredictSchema)
 
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}

@@ -14,8 +14,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from rtdetr_lit.config import CONFIG_DIR, ConfigError, register_schemas
-from rtdetr_lit.utils import build_callbacks, build_loggers, finish_run, prepare_run
+from rtdetr_lit.config import CONFIG_DIR, register_schemas
+from rtdetr_lit.utils import (
+    build_callbacks,
+    build_loggers,
+    finish_run,
+    load_checkpoint_weights,
+    prepare_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +32,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Build data and model from ``cfg``, load ``cfg.ckpt_path`` into the model, validate."""
     from hydra.utils import instantiate
 
-    from rtdetr_lit.checkpoints import load_model_weights
-
     prepare_run(cfg)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, init_from=None)
-    skipped = load_model_weights(module.net, cfg.ckpt_path)
-    if skipped:
-        raise ConfigError(
-            f"ckpt_path: {cfg.ckpt_path} does not fit model={cfg.model.net.name} with "
-            f"{cfg.data.num_classes} classes (differs in: {', '.join(skipped)})"
-        )
-    log.info("loaded %s", cfg.ckpt_path)
+    load_checkpoint_weights(module.net, cfg)
     trainer = instantiate(
         cfg.trainer,
         callbacks=build_callbacks(cfg.get("callbacks")),

@@ -15,6 +15,7 @@ __all__ = [
     "build_callbacks",
     "build_loggers",
     "finish_run",
+    "load_checkpoint_weights",
     "prepare_run",
     "resolve_ckpt_path",
 ]
@@ -92,6 +93,24 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return None
     log.info("resuming from %s", candidates[-1])
     return str(candidates[-1])
+
+
+def load_checkpoint_weights(net: Any, cfg: DictConfig) -> None:
+    """Load ``cfg.ckpt_path`` into the detector ``net``; a file that does not fit is an error.
+
+    Any file :func:`rtdetr_lit.checkpoints.load_model_weights` reads works (a Lightning checkpoint's
+    EMA weights, a converted or a reference checkpoint); unlike training's ``init_from``, class
+    tensors of another shape are refused, since they would leave the model untrained there.
+    """
+    from rtdetr_lit.checkpoints import load_model_weights
+
+    skipped = load_model_weights(net, cfg.ckpt_path)
+    if skipped:
+        raise ConfigError(
+            f"ckpt_path: {cfg.ckpt_path} does not fit model={cfg.model.net.name} with "
+            f"{cfg.data.num_classes} classes (differs in: {', '.join(skipped)})"
+        )
+    log.info("loaded %s", cfg.ckpt_path)
 
 
 def finish_run(cfg: DictConfig, trainer: Any, metrics: dict[str, Any]) -> dict[str, float]:
