@@ -45,12 +45,12 @@ class SyntheticConfig:
 
     num_train: int = 800
     num_val: int = 100
-    min_size: int = 256
-    max_size: int = 352
+    min_size: int = 160
+    max_size: int = 224
     max_objects: int = 8
     empty_fraction: float = 0.1
-    min_object: int = 10
-    max_object: int = 200
+    min_object: int = 8
+    max_object: int = 128
     seed: int = 0
 
     def __post_init__(self) -> None:
