@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -63,3 +65,39 @@ def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.skip(f"reference layouts not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
+
+
+_DTYPES = {"torch.float32": torch.float32, "torch.int64": torch.int64, "torch.bool": torch.bool}
+
+
+def reference_layout(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{key: (shape, dtype)}`` of reference checkpoint ``name`` (skips the test if absent)."""
+    path = REFERENCE_DIR / f"official_state_dict_{name}.tsv"
+    if not path.is_file():
+        pytest.skip(f"reference layout {path} not found")
+    rows = (line.rstrip("\n").split("\t") for line in path.read_text().splitlines())
+    return {key: (ast.literal_eval(shape), _DTYPES[dtype]) for key, shape, dtype in rows}
+
+
+def random_state(layout: dict, seed: int, resize: dict[str, tuple[int, ...]] | None = None):
+    """Random tensors (never all zero) per (name, shape, dtype); ``resize`` overrides shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, (shape, dtype) in layout.items():
+        shape = (resize or {}).get(key, shape)
+        if dtype == torch.bool:
+            state[key] = torch.rand(shape, generator=gen) > 0.3
+        elif dtype == torch.int64:
+            state[key] = torch.randint(1, 10_000, shape, generator=gen)
+        else:
+            state[key] = torch.randn(shape, generator=gen)
+    return state
+
+
+def reference_shapes(name: str, prefix: str) -> dict[str, tuple[int, ...]]:
+    """Shapes of the reference checkpoint ``name`` under ``prefix`` (the prefix stripped)."""
+    return {
+        key[len(prefix) :]: shape
+        for key, (shape, _) in reference_layout(name).items()
+        if key.startswith(prefix)
+    }

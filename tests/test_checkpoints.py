@@ -6,7 +6,6 @@ models are built from configs with random weights, never downloaded.
 
 from __future__ import annotations
 
-import ast
 import logging
 import os
 import pathlib
@@ -22,43 +21,16 @@ from rtdetr_lit.checkpoints import (
 )
 from rtdetr_lit.convert import convert_hf_state_dict, main, to_hf_state_dict
 
+from .conftest import random_state, reference_layout
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-_LAYOUT_DIRS = [
-    Path(__file__).parent / "data",
-    Path(__file__).resolve().parents[2] / "shared" / "reference",
-]
-_DTYPES = {"torch.float32": torch.float32, "torch.int64": torch.int64, "torch.bool": torch.bool}
 _CLASS_KEYS = {
     "decoder.enc_score_head.weight",
     "decoder.enc_score_head.bias",
     "decoder.denoising_class_embed.weight",
     *(f"decoder.dec_score_head.{i}.{p}" for i in range(3) for p in ("weight", "bias")),
 }
-
-
-def _layout(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    for folder in _LAYOUT_DIRS:
-        path = folder / f"official_state_dict_{name}.tsv"
-        if path.is_file():
-            rows = (line.rstrip("\n").split("\t") for line in path.read_text().splitlines())
-            return {key: (ast.literal_eval(shape), _DTYPES[dtype]) for key, shape, dtype in rows}
-    pytest.skip(f"reference layout official_state_dict_{name}.tsv not found in {_LAYOUT_DIRS}")
-
-
-def _random_state(layout: dict, seed: int, resize: dict[str, tuple[int, ...]] | None = None):
-    """Random tensors (never all zero) per (name, shape, dtype); ``resize`` overrides shapes."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, (shape, dtype) in layout.items():
-        shape = (resize or {}).get(key, shape)
-        if dtype == torch.bool:
-            state[key] = torch.rand(shape, generator=gen) > 0.3
-        elif dtype == torch.int64:
-            state[key] = torch.randint(1, 10_000, shape, generator=gen)
-        else:
-            state[key] = torch.randn(shape, generator=gen)
-    return state
 
 
 def _assert_same(result: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -69,17 +41,17 @@ def _assert_same(result: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 
 @pytest.fixture(scope="module")
 def r18_layout():
-    return _layout("r18")
+    return reference_layout("r18")
 
 
 @pytest.fixture(scope="module")
 def r18_source(r18_layout):
-    return _random_state(r18_layout, seed=1)
+    return random_state(r18_layout, seed=1)
 
 
 @pytest.fixture(scope="module")
 def r18_target(r18_layout):
-    return _random_state(r18_layout, seed=2)
+    return random_state(r18_layout, seed=2)
 
 
 # (a) reference checkpoints -------------------------------------------------------------------
@@ -109,8 +81,8 @@ def test_reference_containers(container, r18_source, r18_target):
 
 
 def test_reference_r50_layout():
-    layout = _layout("r50")
-    source, target = _random_state(layout, 3), _random_state(layout, 4)
+    layout = reference_layout("r50")
+    source, target = random_state(layout, 3), random_state(layout, 4)
     result = convert_reference_state_dict({"ema": {"module": source}}, "r50", target=target)
     _assert_same(result.state_dict, source)
     assert not any(k.endswith("num_batches_tracked") for k in result.state_dict if "backbone" in k)
@@ -145,7 +117,7 @@ def test_unknown_name_and_non_tensor_entries(r18_source, r18_target):
 def test_num_classes_change_keeps_the_rest(r18_layout, r18_source, caplog):
     resize = {k: (20, *r18_layout[k][0][1:]) for k in _CLASS_KEYS}
     resize["decoder.denoising_class_embed.weight"] = (21, 256)
-    target = _random_state(r18_layout, seed=5, resize=resize)
+    target = random_state(r18_layout, seed=5, resize=resize)
     with caplog.at_level(logging.WARNING, logger="rtdetr_lit.checkpoints"):
         result = convert_reference_state_dict({"ema": {"module": r18_source}}, "r18", target=target)
     assert set(result.skipped) == _CLASS_KEYS
@@ -158,7 +130,7 @@ def test_num_classes_change_keeps_the_rest(r18_layout, r18_source, caplog):
 def test_eval_size_buffers_follow_the_target(r18_layout, r18_source):
     tokens = 40 * 40 + 20 * 20 + 10 * 10  # a model built for 320x320
     resize = {"decoder.anchors": (1, tokens, 4), "decoder.valid_mask": (1, tokens, 1)}
-    target = _random_state(r18_layout, seed=6, resize=resize)
+    target = random_state(r18_layout, seed=6, resize=resize)
     result = convert_reference_state_dict(r18_source, "r18", target=target)
     assert set(result.skipped) == {"decoder.anchors", "decoder.valid_mask"}
     assert torch.equal(result.state_dict["decoder.anchors"], target["decoder.anchors"])
@@ -262,7 +234,7 @@ def test_hf_r18_keys_and_values(hf_r18, r18_layout, r18_target):
 
 
 def test_hf_r50_default_config_keys():
-    layout = _layout("r50")
+    layout = reference_layout("r50")
     target = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in layout.items()}
     result = convert_hf_state_dict(_hf_model("r50").state_dict(), "r50", target=target)
     assert {k: (tuple(v.shape), v.dtype) for k, v in result.state_dict.items()} == layout
@@ -368,7 +340,7 @@ def test_default_target_uses_the_checkpoint_class_count(r18_layout):
     _create_model()
     resize = {k: (20, *r18_layout[k][0][1:]) for k in _CLASS_KEYS}
     resize["decoder.denoising_class_embed.weight"] = (21, 256)
-    source = _random_state(r18_layout, seed=7, resize=resize)
+    source = random_state(r18_layout, seed=7, resize=resize)
     result = convert_reference_state_dict({"ema": {"module": source}}, "r18")
     assert result.skipped == []
     _assert_same(result.state_dict, source)

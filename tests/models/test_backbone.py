@@ -13,21 +13,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from rtdetr_lit.models.backbone import PResNet
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
-
-
-def _reference_shapes(size: str, prefix: str) -> dict[str, tuple[int, ...]]:
-    """Rows of the reference tsv under ``prefix`` (prefix stripped) -> shape."""
-    path = REFERENCE / f"official_state_dict_{size}.tsv"
-    if not path.is_file():
-        pytest.skip(f"reference state-dict layout {path} not available")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        name, shape, _ = line.split("\t")
-        if name.startswith(prefix):
-            dims = shape.strip("()").replace(" ", "").split(",")
-            shapes[name[len(prefix) :]] = tuple(int(d) for d in dims if d)
-    return shapes
+from ..conftest import reference_shapes
 
 
 def _randomise_norms(module: nn.Module) -> None:
@@ -45,7 +31,7 @@ def _randomise_norms(module: nn.Module) -> None:
     [("r18", 18, False), ("r50", 50, True)],  # SPEC §2: S trains its BN, L freezes it
 )
 def test_state_dict_matches_reference(size: str, depth: int, frozen: bool) -> None:
-    reference = _reference_shapes(size, "backbone.")
+    reference = reference_shapes(size, "backbone.")
     model = PResNet(depth, freeze_at=0 if frozen else -1, freeze_norm=frozen)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert sorted(ours.keys() - reference.keys()) == []

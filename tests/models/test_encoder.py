@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,24 +13,10 @@ from torch import nn
 from rtdetr_lit.models.backbone import PResNet
 from rtdetr_lit.models.encoder import HybridEncoder, sincos_pos_embed_2d
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
+from ..conftest import reference_shapes
 
 # (reference size, backbone channels, CSP expansion) of S and L (SPEC §1).
 CONFIGS = [("r18", [128, 256, 512], 0.5), ("r50", [512, 1024, 2048], 1.0)]
-
-
-def _reference_shapes(size: str, prefix: str) -> dict[str, tuple[int, ...]]:
-    """Rows of the reference tsv under ``prefix`` (prefix stripped) -> shape."""
-    path = REFERENCE / f"official_state_dict_{size}.tsv"
-    if not path.is_file():
-        pytest.skip(f"reference state-dict layout {path} not available")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        name, shape, _ = line.split("\t")
-        if name.startswith(prefix):
-            dims = shape.strip("()").replace(" ", "").split(",")
-            shapes[name[len(prefix) :]] = tuple(int(d) for d in dims if d)
-    return shapes
 
 
 def _randomise_norms(module: nn.Module) -> None:
@@ -46,7 +31,7 @@ def _randomise_norms(module: nn.Module) -> None:
 
 @pytest.mark.parametrize(("size", "channels", "expansion"), CONFIGS)
 def test_state_dict_matches_reference(size: str, channels: list, expansion: float) -> None:
-    reference = _reference_shapes(size, "encoder.")
+    reference = reference_shapes(size, "encoder.")
     model = HybridEncoder(channels, expansion=expansion, eval_spatial_size=(640, 640))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert sorted(ours.keys() - reference.keys()) == []
