@@ -22,6 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 _REQUIRED = {
     ("data", "custom"): ["data.root=/datasets/mine", "data.num_classes=3"],
     ("data", "yolo"): ["data.root=/datasets/mine", "data.names=[a,b]", "data.num_classes=2"],
+    # Discrete fine-tuning starts from a stage-1 (grid_sample) checkpoint.
+    ("finetune", "discrete"): ["model.init_from=stage1.ckpt"],
+    **{
+        ("experiment", f"rtdetrv2_{size}_coco_discrete"): ["model.init_from=stage1.ckpt"]
+        for size in ("r18", "r34", "r50m", "r50")
+    },
 }
 
 

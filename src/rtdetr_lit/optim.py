@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["build_param_groups", "warmup_schedule"]
+__all__ = ["build_param_groups", "restart_warmup", "warmup_schedule"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -62,6 +62,43 @@ def build_param_groups(
     ]
 
 
+class _WarmupFactor:
+    """The learning-rate factor of :func:`warmup_schedule` at an optimizer step.
+
+    An object rather than a closure: ``LambdaLR`` saves the attributes of callable objects in its
+    ``state_dict``, so a warmup restarted by :func:`restart_warmup` survives a resumed run.
+    """
+
+    def __init__(
+        self,
+        warmup_steps: int,
+        policy: str,
+        total_steps: int | None,
+        milestones: Sequence[int],
+        gamma: float,
+        min_lr_ratio: float,
+    ) -> None:
+        self.warmup_steps = warmup_steps
+        # The step at which the current linear warmup began (moved by restart_warmup).
+        self.warmup_start = 0
+        self.policy = policy
+        self.total_steps = total_steps
+        self.milestones = sorted(milestones)
+        self.gamma = gamma
+        self.min_lr_ratio = min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        since = step - self.warmup_start
+        warm = min(1.0, (since + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        if self.policy == "cosine":
+            progress = min(1.0, step / self.total_steps)
+            low = self.min_lr_ratio
+            return warm * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+        if self.policy == "multistep":
+            return warm * self.gamma ** sum(step >= m for m in self.milestones)
+        return warm
+
+
 def warmup_schedule(
     optimizer: torch.optim.Optimizer,
     warmup_steps: int = 2000,
@@ -76,23 +113,36 @@ def warmup_schedule(
 
     The warmup factor is ``min(1, (step + 1) / warmup_steps)`` (SPEC §9). ``cosine`` decays to
     ``min_lr_ratio`` at ``total_steps``; ``multistep`` multiplies by ``gamma`` at each of the
-    ``milestones`` (steps).
+    ``milestones`` (steps). :func:`restart_warmup` begins a new warmup later on.
     """
     if policy not in ("constant", "cosine", "multistep"):
         raise ValueError(f"scheduler policy must be constant, cosine or multistep, not {policy!r}")
     if policy == "cosine" and not total_steps:
         raise ValueError("the cosine policy needs total_steps")
-    marks = sorted(milestones)
-
-    def factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-        if policy == "cosine":
-            progress = min(1.0, step / total_steps)
-            return warm * (
-                min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-            )
-        if policy == "multistep":
-            return warm * gamma ** sum(step >= m for m in marks)
-        return warm
-
+    factor = _WarmupFactor(warmup_steps, policy, total_steps, milestones, gamma, min_lr_ratio)
     return LambdaLR(optimizer, factor)
+
+
+def restart_warmup(scheduler: LambdaLR, warmup_steps: int) -> None:
+    """Begin a new linear warmup of ``warmup_steps`` at the scheduler's current step, and apply
+    its first factor ``1 / warmup_steps`` to the optimizer right away (discrete fine-tuning,
+    SPEC §9). The ``cosine``/``multistep`` part keeps counting steps from the start of training.
+
+    Raises:
+        TypeError: ``scheduler`` was not made by :func:`warmup_schedule`.
+    """
+    factors = getattr(scheduler, "lr_lambdas", None)
+    if not factors or not all(isinstance(f, _WarmupFactor) for f in factors):
+        raise TypeError(
+            f"restart_warmup needs a scheduler made by warmup_schedule, got "
+            f"{type(scheduler).__name__}"
+        )
+    step = scheduler.last_epoch
+    for factor in factors:
+        factor.warmup_start = step
+        factor.warmup_steps = warmup_steps
+    lrs = [base * f(step) for base, f in zip(scheduler.base_lrs, factors, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    # What get_last_lr() (and so LearningRateMonitor) reports until the next step().
+    scheduler._last_lr = lrs

@@ -34,6 +34,7 @@ def prepare_run(cfg: DictConfig) -> None:
             k for k in ("data", "model", "callbacks", "logger", "trainer") if cfg.get(k) is not None
         ),
     )
+    _check_sampling_layout(cfg)
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
@@ -43,6 +44,22 @@ def prepare_run(cfg: DictConfig) -> None:
         rank_zero_only(_print_config)(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+
+
+def _check_sampling_layout(cfg: DictConfig) -> None:
+    """Refuse point counts the model cannot take before anything is built, naming the key."""
+    from rtdetr_lit.models.zoo import check_num_points
+
+    net = OmegaConf.select(cfg, "model.net")
+    if not isinstance(net, DictConfig) or "num_points" not in net:
+        return
+    # Normally model.net.num_points reads ${sampling.num_points}: name the key the user sets.
+    from_group = OmegaConf.is_interpolation(net, "num_points")
+    key = "sampling.num_points" if from_group else "model.net.num_points"
+    try:
+        check_num_points(net.num_points)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from err
 
 
 def _print_config(cfg: DictConfig) -> None:

@@ -16,7 +16,7 @@ from rtdetr_lit.models.decoder import RTDETRTransformer
 from rtdetr_lit.models.detector import RTDETR
 from rtdetr_lit.models.encoder import HybridEncoder
 
-__all__ = ["MODEL_SIZES", "ModelSpec", "create_model"]
+__all__ = ["MODEL_SIZES", "ModelSpec", "check_num_points", "create_model"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,18 @@ def _as_size(value: int | Sequence[int] | None) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
+def check_num_points(num_points: Sequence[int]) -> tuple[int, ...]:
+    """The per-level sampling point counts as a tuple; one positive count per feature level (3).
+
+    Raises:
+        ValueError: another number of levels, or a count below 1.
+    """
+    points = tuple(int(n) for n in num_points)
+    if len(points) != 3 or min(points) < 1:
+        raise ValueError(f"num_points needs one positive count per feature level (3), got {points}")
+    return points
+
+
 def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDETR:
     """Build the detector ``name``: ``r18``, ``r34``, ``r50m``, ``r50``, ``r101`` or ``demo``.
 
@@ -94,11 +106,7 @@ def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDET
             f"create_model({name!r}): unknown override(s) {unknown}; valid: {sorted(fields)}"
         )
     spec = dataclasses.replace(MODEL_SIZES[name], **overrides)
-    num_points = tuple(int(n) for n in spec.num_points)
-    if len(num_points) != 3 or min(num_points) < 1:
-        raise ValueError(
-            f"num_points needs one positive count per feature level (3), got {num_points}"
-        )
+    num_points = check_num_points(spec.num_points)
     eval_size = _as_size(spec.eval_spatial_size)
     weights = str(Path(spec.backbone_weights)) if spec.backbone_weights else None
 

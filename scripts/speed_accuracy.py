@@ -1,0 +1,256 @@
+"""Speed tuning without retraining (SPEC §0.3, §0.5): mAP and latency of one checkpoint as the
+number of decoder layers run at inference (``eval_idx``) and the sampling operator change.
+
+    python scripts/speed_accuracy.py ckpt_path=PATH [model=... data=... experiment=...]
+        [--eval-idx 0 1 2] [--methods grid_sample discrete] [--runs 20] [--device cpu]
+
+The arguments other than the script's ``--`` options are Hydra overrides of ``conf/eval.yaml``, as
+for ``python -m rtdetr_lit.eval``: give the ``model=``/``data=`` (or ``experiment=``) of the run
+that wrote the checkpoint. Each point validates the whole val split (COCO mAP), then every point is
+timed on one image of ``data.image_size`` with the detector alone (RepVGG and conv+BN fused, as
+exported): ``--runs`` rounds that each run every point once, so that load from elsewhere slows
+all points alike; the table has the median and the minimum. Writes ``speed_accuracy.csv`` and
+``speed_accuracy.png`` (mAP against median latency) to the run directory
+(``logs/speed_accuracy/runs/<date_time>/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from PIL import Image, ImageDraw, ImageFont
+
+from _bench import compare, load, machine
+from rtdetr_lit.config import CONFIG_DIR, register_schemas
+from rtdetr_lit.models.deformable import SAMPLING_METHODS
+from rtdetr_lit.utils import load_checkpoint_weights, prepare_run
+
+log = logging.getLogger("speed_accuracy")
+
+register_schemas()
+
+COLUMNS = (
+    "sampling",
+    "eval_idx",
+    "decoder_layers",
+    "mAP",
+    "mAP_50",
+    "latency_ms",
+    "latency_min_ms",
+)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The script's options, and the rest of ``argv`` (Hydra overrides and options)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Other arguments are Hydra overrides of conf/eval.yaml (ckpt_path=... is required).",
+    )
+    parser.add_argument(
+        "--eval-idx", type=int, nargs="+", help="decoder layers to stop at (default: every one)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=SAMPLING_METHODS, default=list(SAMPLING_METHODS)
+    )
+    parser.add_argument("--runs", type=int, default=20, help="timed passes per point")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed passes per point first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_known_args(argv)
+
+
+@torch.inference_mode()
+def _detect(net: torch.nn.Module, image: torch.Tensor, method: str, eval_idx: int) -> None:
+    net.set_sampling_method(method)
+    net.eval_idx = eval_idx
+    net(image)
+    if image.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def sweep(cfg: DictConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Validate and time the checkpoint for every sampling method and ``eval_idx``."""
+    from hydra.utils import instantiate
+
+    prepare_run(cfg)
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model, init_from=None)
+    load_checkpoint_weights(module.net, cfg)
+    net = module.net.deploy()  # fusing is exact: the same mAP, the deployed speed
+    num_layers = net.decoder.num_layers
+    indices = args.eval_idx if args.eval_idx is not None else list(range(num_layers))
+    for k in indices:  # fail before the first (long) validation
+        net.eval_idx = k
+    # No callbacks (a finetune callback would set the sampling method) and no logger: the
+    # results go to the table.
+    trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
+    rows = []
+    for method in args.methods:
+        net.set_sampling_method(method)
+        for k in indices:
+            net.eval_idx = k
+            (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+            rows.append(
+                {
+                    "sampling": method,
+                    "eval_idx": k,
+                    "decoder_layers": k % num_layers + 1,
+                    "mAP": float(metrics["val/mAP"]),
+                    "mAP_50": float(metrics["val/mAP_50"]),
+                }
+            )
+            log.info("%-11s eval_idx %2d  mAP %.4f", method, k, rows[-1]["mAP"])
+    # Timed interleaved, a pass of every point per round, so that load from elsewhere on the
+    # machine slows all points alike.
+    net.to(args.device).eval()
+    image = torch.rand(1, 3, *cfg.data.image_size, device=args.device)
+    log.info("timing on %s; %s", machine(), load())
+    samples = compare(
+        {
+            f"{r['sampling']} {r['eval_idx']}": partial(
+                _detect, net, image, r["sampling"], r["eval_idx"]
+            )
+            for r in rows
+        },
+        warmup=args.warmup,
+        repeats=args.runs,
+    )
+    for r, times in zip(rows, samples.values(), strict=True):
+        r["latency_ms"] = statistics.median(times) * 1e3
+        r["latency_min_ms"] = min(times) * 1e3
+    return rows
+
+
+def write_table(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """``rows`` as CSV (one line per sampling method and eval_idx)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            digits = {"mAP": 4, "mAP_50": 4, "latency_ms": 2, "latency_min_ms": 2}
+            writer.writerow({k: f"{r[k]:.{digits[k]}f}" if k in digits else r[k] for k in COLUMNS})
+    return path
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append(
+            f"| {r['sampling']} | {r['eval_idx']} | {r['decoder_layers']} | {r['mAP']:.4f} | "
+            f"{r['mAP_50']:.4f} | {r['latency_ms']:.2f} | {r['latency_min_ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+    raw = (high - low) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def _padded(values: Sequence[float]) -> tuple[float, float]:
+    low, high = min(values), max(values)
+    pad = (high - low) * 0.1 or max(abs(high) * 0.1, 1e-3)
+    return low - pad, high + pad
+
+
+_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """mAP against latency, one line per sampling method, points labelled by decoder layers."""
+    width, height = 900, 600
+    left, right, top, bottom = 90, 40, 60, 80
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=15)
+    small = ImageFont.load_default(size=13)
+    x_low, x_high = _padded([r["latency_ms"] for r in rows])
+    y_low, y_high = _padded([r["mAP"] for r in rows])
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        px = left + (x - x_low) / (x_high - x_low) * (width - left - right)
+        py = height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for x in _ticks(x_low, x_high):
+        px, _ = to_px(x, y_low)
+        draw.line([px, top, px, height - bottom], fill=(225, 225, 225))
+        draw.text((px, height - bottom + 8), f"{x:g}", fill="black", font=small, anchor="mt")
+    for y in _ticks(y_low, y_high):
+        _, py = to_px(x_low, y)
+        draw.line([left, py, width - right, py], fill=(225, 225, 225))
+        draw.text((left - 8, py), f"{y:.3g}", fill="black", font=small, anchor="rm")
+    draw.text((width / 2, 25), title, fill="black", font=font, anchor="mm")
+    draw.text(
+        (width / 2, height - 30), "latency per image (ms)", fill="black", font=font, anchor="mm"
+    )
+    label = Image.new("RGB", (260, 24), "white")
+    ImageDraw.Draw(label).text(
+        (130, 12), "mAP (COCO 0.50:0.95)", fill="black", font=font, anchor="mm"
+    )
+    image.paste(label.rotate(90, expand=True), (8, (height - 260) // 2))
+
+    methods = list(dict.fromkeys(r["sampling"] for r in rows))
+    for i, method in enumerate(methods):
+        colour = _COLOURS[i % len(_COLOURS)]
+        points = sorted(
+            (r for r in rows if r["sampling"] == method), key=lambda r: r["decoder_layers"]
+        )
+        xy = [to_px(r["latency_ms"], r["mAP"]) for r in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for (px, py), r in zip(xy, points, strict=True):
+            draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=colour)
+            draw.text(
+                (px + 8, py - 8), f"{r['decoder_layers']}L", fill=colour, font=small, anchor="ls"
+            )
+        ly = top + 12 + 22 * i
+        draw.line([width - right - 170, ly, width - right - 140, ly], fill=colour, width=3)
+        draw.text((width - right - 132, ly), method, fill="black", font=small, anchor="lm")
+    image.save(path)
+    return path
+
+
+def run(cfg: DictConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Sweep, then write the table and the plot to the run directory."""
+    rows = sweep(cfg, args)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = "x".join(str(s) for s in cfg.data.image_size)
+    title = f"{cfg.model.net.name}: mAP vs latency (batch 1, {size}, {args.device})"
+    table = write_table(rows, out / "speed_accuracy.csv")
+    picture = plot(rows, out / "speed_accuracy.png", title)
+    log.info("\n%s\ntable: %s\nplot: %s", markdown(rows), table, picture)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    # Hydra reads sys.argv; its run directory is logs/speed_accuracy/runs/<date_time>.
+    sys.argv = [sys.argv[0], "task_name=speed_accuracy", *overrides]
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+    def task(cfg: DictConfig) -> None:
+        run(cfg, args)
+
+    task()
+
+
+if __name__ == "__main__":
+    main()
