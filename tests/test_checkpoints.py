@@ -132,7 +132,7 @@ def test_eval_size_buffers_follow_the_target(r18_layout, r18_source):
     resize = {"decoder.anchors": (1, tokens, 4), "decoder.valid_mask": (1, tokens, 1)}
     target = random_state(r18_layout, seed=6, resize=resize)
     result = convert_reference_state_dict(r18_source, "r18", target=target)
-    assert set(result.skipped) == {"decoder.anchors", "decoder.valid_mask"}
+    assert set(result.filled) == {"decoder.anchors", "decoder.valid_mask"} and not result.skipped
     assert torch.equal(result.state_dict["decoder.anchors"], target["decoder.anchors"])
     # a model without precomputed buffers simply does not receive them
     no_buffers = {k: v for k, v in target.items() if k not in resize}
@@ -380,3 +380,16 @@ def test_cli_reference_end_to_end(tmp_path):
         written["model"]["decoder.enc_bbox_head.layers.0.weight"],
         source["decoder.enc_bbox_head.layers.0.weight"],
     )
+
+
+def test_weights_trained_at_one_size_evaluate_at_another(tmp_path):
+    from rtdetr_lit import create_model
+    from rtdetr_lit.checkpoints import load_model_weights
+
+    trained = create_model("demo", num_classes=3, eval_spatial_size=(128, 128))
+    torch.save(trained.state_dict(), tmp_path / "w.pth")
+    other = create_model("demo", num_classes=3, eval_spatial_size=(160, 192))
+    anchors = other.decoder.anchors.clone()
+    assert load_model_weights(other, tmp_path / "w.pth") == []
+    assert torch.equal(other.decoder.anchors, anchors)  # follow the model's eval size
+    assert torch.equal(other.decoder.enc_score_head.weight, trained.decoder.enc_score_head.weight)

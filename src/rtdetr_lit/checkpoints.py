@@ -73,10 +73,11 @@ class ConversionResult:
     Attributes:
         state_dict: our keys -> tensors: exactly the target's keys, shapes and dtypes, so
             ``model.load_state_dict(result.state_dict, strict=True)`` succeeds.
-        skipped: keys present in the checkpoint whose shape differs from the target for a
-            legitimate reason (class count, eval size); the target's tensor was kept.
-        filled: keys the checkpoint lacks that were taken from the target (e.g. the eval-size
-            buffers, which HF does not store).
+        skipped: class-dependent keys whose shape differs from the target (another number of
+            classes); the target's tensor was kept, untrained for this checkpoint.
+        filled: eval-size buffers (anchors, valid mask) taken from the target: the checkpoint
+            lacks them (HF does not store them) or has them for another input size. They are a
+            function of the model's ``eval_spatial_size``, so nothing learned is lost.
         dropped: checkpoint entries deliberately not used (eval-size buffers the target has no slot
             for, HF's tied duplicate heads).
     """
@@ -201,7 +202,10 @@ def align_to_target(
                 missing.append(key)
         elif have.shape == want.shape:
             result.state_dict[key] = have.to(want.dtype)
-        elif _CLASS_DEPENDENT.fullmatch(key) or key in EVAL_SIZE_BUFFERS:
+        elif key in EVAL_SIZE_BUFFERS:
+            result.state_dict[key] = want.detach().clone()
+            result.filled.append(key)
+        elif _CLASS_DEPENDENT.fullmatch(key):
             result.state_dict[key] = want.detach().clone()
             result.skipped.append(key)
         else:
@@ -225,8 +229,7 @@ def align_to_target(
         raise ValueError(f"{source} does not fit the model{hint}: " + "; ".join(problems))
     if result.skipped:
         logger.warning(
-            "kept the model's own tensors (checkpoint shapes differ in class count or eval size) "
-            "for: %s",
+            "kept the model's own tensors (the checkpoint has another number of classes) for: %s",
             ", ".join(result.skipped),
         )
     return result
@@ -272,8 +275,8 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[s
     Accepts a Lightning checkpoint of ``RTDETRModule`` (its ``state_dict`` holds the EMA weights
     when the EMA callback ran; the ``net.`` prefix is stripped), a file written by
     ``python -m rtdetr_lit.convert``, a reference checkpoint (EMA preferred) or a bare state dict.
-    Class-dependent tensors of another shape (a different number of classes) and eval-size buffers
-    keep the model's own values; their keys are returned and logged.
+    Class-dependent tensors of another shape (a different number of classes) keep the model's own
+    values; their keys are returned and logged. Eval-size buffers always follow the model.
     """
     obj = load_checkpoint_file(path)
     if isinstance(obj, Mapping) and "pytorch-lightning_version" in obj:
