@@ -9,7 +9,8 @@ training DataLoader of that config (its sampler set to the epoch, then iterated)
 exactly the batches training gets: the top row at ``--epoch-before`` (photometric distortion,
 zoom-out, IoU crop, flip, and the multi-scale resize when the recipe has it), the bottom row at
 ``--epoch-after`` (default: the stop epoch; flip and resize only). Boxes and class names are drawn
-with ``rtdetr_lit.visualize``; ``--scale`` shrinks the picture (not what is drawn on it).
+with ``rtdetr_lit.visualize``. ``--scale`` resizes the picture and ``--colors`` saves it with a
+palette (a smaller file); neither changes what is drawn.
 """
 
 from __future__ import annotations
@@ -109,11 +110,14 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="picture scale (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument(
+        "--colors", type=int, default=0, help="save with a palette of this many colours (<= 256)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("augmentations.png"), help="(default: %(default)s)"
     )
     args = parser.parse_args()
-    if args.num < 1 or args.scale <= 0:
-        parser.error("--num must be >= 1 and --scale > 0")
+    if args.num < 1 or args.scale <= 0 or not 0 <= args.colors <= 256:
+        parser.error("--num must be >= 1, --scale > 0 and --colors in 0..256")
 
     # Images without objects are expected (negatives); torchvision warns about each.
     warnings.filterwarnings("ignore", message="boxes doesn't contain any box")
@@ -138,7 +142,10 @@ def main() -> None:
         multiscale = bool(collate.sizes) and epoch < collate.stop_epoch
         captions.append(caption(epoch, stop, multiscale, sizes))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(rows, captions).save(args.out, optimize=True)
+    sheet = contact_sheet(rows, captions)
+    if args.colors:  # a few times smaller a file, for documentation
+        sheet = sheet.quantize(colors=args.colors)
+    sheet.save(args.out, optimize=True)
     print(f"wrote {args.out}")
 
 
