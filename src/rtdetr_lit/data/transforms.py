@@ -238,7 +238,9 @@ def build_transforms(
             ops.append(IoUCrop(p=augment.iou_crop_p))
         ops.append(DropSmallBoxes(min_size))
         ops.append(A.HorizontalFlip(p=augment.hflip_p))
-    ops.append(A.Resize(height, width, interpolation=1))  # bilinear, as torchvision's resize
+    # Bilinear; area averaging when shrinking, which antialiases as the reference's resize does
+    # (a zoomed-out canvas can be 4x the image: plain bilinear would alias it).
+    ops.append(A.Resize(height, width, interpolation=1, area_for_downscale="image"))
     return A.Compose(
         ops,
         bbox_params=A.BboxParams(
