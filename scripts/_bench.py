@@ -12,7 +12,7 @@ Usage in a script (``scripts/`` is on ``sys.path`` when a script there runs)::
     setup()
     print_header("Model")
     samples = compare({"ours": fn_a, "baseline": fn_b}, warmup=2, repeats=7)
-    ratios = print_table(samples, baseline="baseline")  # median, min, ratio of medians
+    ratios = print_table(samples, baseline="baseline")  # median, min, paired ratio
     print(load())  # how busy the machine was by the end
 """
 
@@ -110,13 +110,23 @@ def medians(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
 
 
 def print_table(
-    samples: Mapping[str, Sequence[float]], baseline: str, unit: str = "ms"
+    samples: Mapping[str, Sequence[float]], baseline: str, unit: str = "ms", paired: bool = True
 ) -> dict[str, float]:
-    """Markdown table of median and minimum per case and the ratio of medians to ``baseline``;
-    returns those ratios. (Under load from elsewhere the minimum is the steadier number.)"""
+    """Markdown table of median and minimum per case and the ratio to ``baseline``; returns the
+    ratios. With ``paired`` (samples from :func:`compare`) the ratio is the median over rounds of
+    the case's time over the baseline's time in the same round, which cancels load that changes
+    from one round to the next; otherwise it is the ratio of the medians. Under load from
+    elsewhere the minimum is the steadier absolute number."""
     scale = {"ms": 1e3, "s": 1.0, "us": 1e6}[unit]
     mid = medians(samples)
-    ratios = {name: mid[name] / mid[baseline] for name in samples}
+    if paired:
+        base = samples[baseline]
+        ratios = {
+            name: statistics.median(t / b for t, b in zip(times, base, strict=True))
+            for name, times in samples.items()
+        }
+    else:
+        ratios = {name: mid[name] / mid[baseline] for name in samples}
     print(f"| case | median ({unit}) | min ({unit}) | ratio to {baseline} |")
     print("| --- | ---: | ---: | ---: |")
     for name, times in samples.items():
