@@ -194,15 +194,17 @@ class RTDETRModule(L.LightningModule):
         if self.category_ids is not None:
             ids = torch.as_tensor(self.category_ids, device=images.device)
         gts = []
+        # Float32 states whatever the precision: ranks exchange them element by element.
         for pred, t in zip(preds, targets, strict=True):
-            scale = t["orig_size"].to(t["boxes"]).repeat(2)
-            boxes = box_convert(t["boxes"], "cxcywh", "xyxy") * scale
+            scale = t["orig_size"].float().repeat(2)
+            boxes = box_convert(t["boxes"].float(), "cxcywh", "xyxy") * scale
             labels = t["labels"]
             if ids is not None:
                 labels, pred["labels"] = ids[labels], ids[pred["labels"]]
             gts.append(
-                {"boxes": boxes, "labels": labels, "iscrowd": t["iscrowd"], "area": t["area"]}
-            )
+                {"boxes": boxes, "labels": labels, "iscrowd": t["iscrowd"],
+                 "area": t["area"].float()}
+            )  # fmt: skip
         metric.update(preds, gts)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -220,6 +222,7 @@ class RTDETRModule(L.LightningModule):
         self._log_map(self.test_map, "test")
 
     def _log_map(self, metric: MeanAveragePrecision, stage: str) -> dict[str, torch.Tensor]:
+        self._equalise_image_counts(metric)
         result = metric.compute()
         metric.reset()
         for name, key in _MAP_KEYS.items():
@@ -227,6 +230,27 @@ class RTDETRModule(L.LightningModule):
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._write_class_table(result, stage)
         return result
+
+    def _equalise_image_counts(self, metric: MeanAveragePrecision) -> None:
+        """Top every rank up to the same number of images with empty ones (no boxes, nothing
+        detected), which change no COCO score.
+
+        torchmetrics gathers the per-image lists of the metric element by element, so under DDP
+        ranks holding different numbers of images (the evaluation sampler does not pad) would
+        issue mismatched collectives and hang or exchange garbage. (Likewise every entry is
+        float32, see ``_update_map``.)
+        """
+        held = torch.tensor(len(metric.groundtruth_labels), device=self.device)
+        missing = int(self.all_gather(held).max() - held)
+        if missing <= 0:
+            return
+        empty_boxes = torch.zeros(0, 4, device=self.device)
+        empty_ints = torch.zeros(0, dtype=torch.long, device=self.device)
+        pred = {"boxes": empty_boxes, "scores": torch.zeros(0, device=self.device),
+                "labels": empty_ints}  # fmt: skip
+        target = {"boxes": empty_boxes, "labels": empty_ints, "iscrowd": empty_ints,
+                  "area": torch.zeros(0, device=self.device)}  # fmt: skip
+        metric.update([pred] * missing, [target] * missing)
 
     def _write_class_table(self, result: dict[str, torch.Tensor], stage: str) -> None:
         out_dir = Path(self.trainer.default_root_dir)

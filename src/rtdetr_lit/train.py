@@ -20,6 +20,7 @@ from rtdetr_lit.config import CONFIG_DIR, register_schemas
 from rtdetr_lit.utils import (
     build_callbacks,
     build_loggers,
+    check_launch,
     finish_run,
     prepare_run,
     resolve_ckpt_path,
@@ -46,6 +47,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = build_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    check_launch(trainer)
 
     metrics: dict[str, Any] = {}
     if cfg.get("train"):

@@ -14,6 +14,7 @@ from rtdetr_lit.config import ConfigError, validate_config
 __all__ = [
     "build_callbacks",
     "build_loggers",
+    "check_launch",
     "finish_run",
     "load_checkpoint_weights",
     "prepare_run",
@@ -97,8 +98,12 @@ def build_loggers(group: DictConfig | None) -> list[Any] | bool:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path`` as given, or for ``ckpt_path=last`` the newest ``last.ckpt`` of this task."""
+    """``ckpt_path`` as given; for ``ckpt_path=last`` the newest ``last.ckpt`` of this task (any
+    earlier run); for ``ckpt_path=auto`` Lightning's ``"last"``: the newest last checkpoint in this
+    run's own checkpoint folder if there is one (a requeued or restarted job), else none."""
     path = cfg.get("ckpt_path")
+    if path == "auto":
+        return "last"
     if path != "last":
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"ckpt_path: no such file {path}")
@@ -110,6 +115,33 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
         return None
     log.info("resuming from %s", candidates[-1])
     return str(candidates[-1])
+
+
+def check_launch(trainer: Any) -> None:
+    """Refuse a local Hydra multirun (``-m``) whose trainer starts its ranks by re-running the
+    command (``strategy: ddp`` with several devices): each extra rank would run the whole sweep.
+
+    Where the cluster starts the processes (SLURM through ``hydra/launcher=slurm``, torchrun)
+    nothing is re-run and sweeps work; ``ddp_spawn`` works locally too.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and launcher.num_processes > 1
+        and not launcher.cluster_environment.creates_processes_externally
+        and HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+    ):
+        raise ConfigError(
+            f"trainer.strategy: {trainer.strategy.__class__.__name__} starts its other "
+            f"{launcher.num_processes - 1} process(es) by re-running the command, which a Hydra "
+            "multirun (-m) cannot do. Run the jobs one by one, submit the sweep with "
+            "hydra/launcher=slurm, or use trainer.strategy=ddp_spawn."
+        )
 
 
 def load_checkpoint_weights(net: Any, cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from rtdetr_lit.data.annotations import DetectionAnnotations, load_coco, load_yolo
@@ -101,6 +103,8 @@ class CocoDataModule(L.LightningDataModule):
         self.collate_eval = MultiScaleCollate()
         self.annotations: dict[str, DetectionAnnotations] = {}
         self.datasets: dict[str, DetectionDataset] = {}
+        # (epoch, samples of it trained on, all ranks) from a checkpoint, for the next train loader.
+        self._resume_at: tuple[int, int] = (0, 0)
 
     # -- what the model needs to know ---------------------------------------------------------
     def _first_loaded(self) -> DetectionAnnotations | None:
@@ -228,10 +232,17 @@ class CocoDataModule(L.LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         dataset = self.datasets[split]
         workers = self.num_workers
+        if train:
+            epoch, done = self._resume_at
+            self._resume_at = (0, 0)
+            start = done // self._world_size()
+            sampler = TrainSampler(dataset, seed=_sampler_seed(), epoch=epoch, start=start)
+        else:
+            sampler = EvalSampler(dataset)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=TrainSampler(dataset, seed=_sampler_seed()) if train else EvalSampler(dataset),
+            sampler=sampler,
             collate_fn=self.collate_train if train else self.collate_eval,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -256,6 +267,31 @@ class CocoDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self._per_device(self.val_batch_size, "val_batch_size"), False)
+
+    # -- resuming mid-epoch ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands, saved in checkpoints: the epoch to continue and how many of its
+        samples (all ranks together) were trained on.
+
+        Lightning restores the loop counters from a checkpoint written mid-epoch but restarts a
+        plain DataLoader at the beginning; with this state the resumed run's sampler continues at
+        the next batch of the same shuffled epoch instead.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = trainer.current_epoch
+        if done >= trainer.num_training_batches:  # the epoch is over: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "samples_done": done * self.batch_size}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["samples_done"]))
+        # The sampler resumes the epoch, which Lightning cannot see: its warning does not apply.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
 
 
 def _sampler_seed() -> int:

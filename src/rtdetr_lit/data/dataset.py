@@ -10,6 +10,7 @@ as it is under DDP too).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -141,16 +142,24 @@ class TrainSampler(DistributedSampler):
     """This rank's share of a shuffled epoch, as ``(epoch, index)`` keys.
 
     The permutation depends on ``seed`` and the epoch only, so every rank (and a resumed run) sees
-    the same one.
+    the same one. A run resumed in the middle of an epoch passes that ``epoch`` and ``start``, the
+    number of this rank's samples of it already trained on: iterating that epoch leaves them out.
+    The sampler starts at ``epoch`` because Lightning creates the first iterator before it calls
+    ``set_epoch``.
     """
 
-    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+    def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0, start: int = 0) -> None:
         replicas, rank = _world()
         super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+        self.set_epoch(epoch)
+        self.resume_epoch, self.resume_start = epoch, start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         epoch = self.epoch
-        return ((epoch, i) for i in super().__iter__())
+        indices = super().__iter__()
+        if epoch == self.resume_epoch:
+            indices = itertools.islice(indices, self.resume_start, None)
+        return ((epoch, i) for i in indices)
 
 
 class EvalSampler(DistributedSampler):

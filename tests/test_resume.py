@@ -1,0 +1,194 @@
+"""Exact resume: a run continued from a mid-epoch checkpoint ends where an unbroken run ends.
+
+Deterministic set-up: augmentation probabilities 0 (albumentations draws in every process from
+its own seed, which a resumed process does not continue), everything else as in real training:
+denoising on (random draws in the main process, restored by the RandomState callback), the
+multi-scale policy until epoch 1 (the policy epoch must continue), warmup and EMA ramps running,
+the discrete fine-tuning stage from epoch 1 (it must not restart EMA and warmup again), a
+persistent DataLoader worker (the sampler must resume at the right epoch and sample).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from rtdetr_lit.train import train
+
+from .conftest import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 4  # 8 images, global batch 2
+EPOCHS = 2
+
+
+def tiny_run(root: Path, *extra: str) -> list[str]:
+    """Overrides for a deterministic 2-epoch demo run on 8 synthetic 128 px images in ``root``."""
+    return [
+        f"paths.data_dir={root / 'data'}",
+        f"paths.log_dir={root / 'logs'}",
+        "data.synthetic.num_train=8",
+        "data.synthetic.num_val=2",
+        "data.synthetic.min_size=128",
+        "data.synthetic.max_size=160",
+        "data.synthetic.max_object=64",
+        "data.synthetic.max_objects=3",
+        "data.image_size=[128,128]",
+        "data.batch_size=2",
+        "data.val_batch_size=2",
+        "data.num_workers=1",
+        "data.augment.photometric_p=0",
+        "data.augment.zoom_out_p=0",
+        "data.augment.iou_crop_p=0",
+        "data.augment.hflip_p=0",
+        f"recipe.epochs={EPOCHS}",
+        "recipe.aug_stop_epoch=1",
+        "recipe.multiscale=true",
+        "data.multiscale.sizes=[160]",
+        "finetune=discrete",
+        "callbacks.discrete_finetune.switch_epoch=1",
+        "model.init_from=null",
+        f"recipe.discrete_epochs={EPOCHS}",
+        "recipe.discrete_aug_stop_epoch=1",
+        "+trainer.num_sanity_val_steps=0",
+        "trainer.accelerator=cpu",
+        "test=false",
+        "extras.print_config=false",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.prediction_pictures=null",
+        "+callbacks.batch_probe._target_=tests.probes.BatchProbe",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and fast on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+    GlobalHydra.instance().clear()
+
+
+def _train_in_process(out: Path, overrides: list[str]) -> None:
+    cfg = compose_config("train", [*overrides, f"paths.output_dir={out}"])
+    train(cfg)
+
+
+def _batches(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "probes" / "batches_rank0.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(resumed: dict, unbroken: dict, rtol: float, atol: float) -> None:
+    """Raw weights, EMA weights, optimizer moments, scheduler and EMA counters all agree."""
+    assert resumed["global_step"] == unbroken["global_step"]
+    for key in ("current_model_state", "state_dict"):  # raw weights, EMA weights (with buffers)
+        a, b = resumed[key], unbroken[key]
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(
+                a[name], b[name], rtol=rtol, atol=atol, msg=lambda m, k=name: f"{k}: {m}"
+            )
+    assert resumed["averaging_state"]["n_averaged"] == unbroken["averaging_state"]["n_averaged"]
+    opt_a, opt_b = resumed["optimizer_states"][0]["state"], unbroken["optimizer_states"][0]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for i in opt_a:
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_a[i][moment], opt_b[i][moment], rtol=rtol, atol=atol)
+    assert resumed["lr_schedulers"] == unbroken["lr_schedulers"]
+    stage = resumed["callbacks"]["DiscreteFinetune"]
+    assert stage == unbroken["callbacks"]["DiscreteFinetune"] and stage["switched"]
+
+
+def test_resume_from_a_mid_epoch_checkpoint_matches_an_unbroken_run(
+    tmp_path: Path, one_thread: None
+) -> None:
+    # Keep every step checkpoint (steps 3 and 6) of the unbroken run; resume from step 6, in the
+    # middle of epoch 1 (its batches 0-1 done, 2-3 to go).
+    keep = [
+        "callbacks.last_checkpoint_steps.every_n_train_steps=3",
+        "callbacks.last_checkpoint_steps.save_top_k=-1",
+        "callbacks.last_checkpoint_steps.filename='step_{step:02d}'",
+        "+callbacks.last_checkpoint_steps.auto_insert_metric_name=false",
+    ]
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    _train_in_process(unbroken, tiny_run(tmp_path, *keep))
+    step6 = unbroken / "checkpoints" / "step_06.ckpt"
+    assert _load(step6)["global_step"] == 6
+    _train_in_process(resumed, tiny_run(tmp_path, f"ckpt_path={step6}"))
+
+    # The resumed run trains exactly the two remaining batches of epoch 1, the same images in
+    # the same order as the unbroken run, at the policy of epoch 1 (128 px, multi-scale over).
+    expected = [b for b in _batches(unbroken) if b["step"] >= 6]
+    assert [b["step"] for b in expected] == [6, 7]
+    assert _batches(resumed) == expected
+    assert all(b["size"] == [128, 128] for b in expected)
+    assert {tuple(b["size"]) for b in _batches(unbroken) if b["epoch"] == 0} == {(160, 160)}
+
+    end = EPOCHS * STEPS_PER_EPOCH
+    last_unbroken = _load(unbroken / "checkpoints" / "last.ckpt")
+    last_resumed = _load(resumed / "checkpoints" / "last.ckpt")
+    assert last_unbroken["global_step"] == end
+    # Same process, same thread count: the arithmetic is the same, so the states are identical.
+    assert_same_training_state(last_resumed, last_unbroken, rtol=0, atol=0)
+
+
+@pytest.mark.slow  # three fresh training processes: 2-4 minutes on 2 busy cores
+def test_run_killed_mid_epoch_resumes_with_ckpt_path_auto_like_an_unbroken_run(
+    tmp_path: Path,
+) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def command(run_dir: Path, *extra: str) -> list[str]:
+        every3 = "callbacks.last_checkpoint_steps.every_n_train_steps=3"
+        return [sys.executable, "-m", "rtdetr_lit.train", *tiny_run(tmp_path, every3, *extra),
+                f"hydra.run.dir={run_dir}"]  # fmt: skip
+
+    def finish(cmd: list[str]) -> None:
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
+    finish(command(unbroken))
+
+    # SIGKILL as soon as the first last.ckpt is in place (step 3, in the middle of epoch 0).
+    proc = subprocess.Popen(command(killed), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 900
+    while not last.exists():
+        assert proc.poll() is None, "the run ended before it wrote last.ckpt"
+        assert time.monotonic() < deadline, "no last.ckpt after 15 minutes"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    saved = _load(last)["global_step"]
+    assert saved % STEPS_PER_EPOCH, f"last.ckpt is at an epoch end (step {saved})"
+    trained = len(_batches(killed))
+
+    # Started again in the same run directory, as a requeued job: ckpt_path=auto finds last.ckpt.
+    finish(command(killed, "ckpt_path=auto"))
+    expected = [b for b in _batches(unbroken) if b["step"] >= saved]
+    assert _batches(killed)[trained:] == expected
+    assert_same_training_state(
+        _load(killed / "checkpoints" / "last.ckpt"),
+        _load(unbroken / "checkpoints" / "last.ckpt"),
+        rtol=0,
+        atol=0,
+    )
