@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from rtdetr_lit.config import ConfigError
@@ -90,6 +91,7 @@ def test_eval_accepts_a_reference_checkpoint(tmp_path: Path, reference_dir: Path
         evaluate(cfg)
 
     # On an 80-class dataset it loads and evaluates.
+    instantiate(cfg.data).prepare_data()  # generate the synthetic images
     synthetic = tmp_path / "data" / "synthetic"
     val80 = _coco80_val(tmp_path, synthetic)
     cfg = _paths(compose_config("eval", [*overrides, "data.num_classes=80",
