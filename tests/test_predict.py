@@ -58,7 +58,9 @@ def expected_detections(paths: list[Path]) -> list[tuple[np.ndarray, np.ndarray,
     out = []
     for path in paths:
         image = np.asarray(Image.open(path).convert("RGB"))
-        resized = cv2.resize(image, (IMAGE, IMAGE), interpolation=cv2.INTER_LINEAR)
+        # the validation pipeline's resize: area averaging when either side shrinks, else bilinear
+        interpolation = cv2.INTER_AREA if max(image.shape[:2]) > IMAGE else cv2.INTER_LINEAR
+        resized = cv2.resize(image, (IMAGE, IMAGE), interpolation=interpolation)
         x = torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255
         size = torch.tensor([[image.shape[1], image.shape[0]]])
         with torch.no_grad():
@@ -105,10 +107,12 @@ def test_folder_threshold_results_and_pictures(tmp_path, checkpoint, pictures):
         if i != best:
             assert not changed.any()
             continue
+        # the drawing starts at the box's top-left corner and its outline reaches the right and
+        # bottom edges (the part inside the picture); the caption may stick out of a small box
         ys, xs = np.nonzero(changed)
-        assert len(ys) > 0
-        assert xs.min() >= int(x1) - 2 and xs.max() <= x2 + 2  # the box outline and its caption
-        assert ys.min() >= int(y1) - 2 and ys.max() <= y2 + 2
+        h, w = original.shape[:2]
+        assert abs(xs.min() - max(x1, 0)) <= 1 and abs(ys.min() - max(y1, 0)) <= 1
+        assert xs.max() >= min(x2, w - 1) - 1 and ys.max() >= min(y2, h - 1) - 1
         colours = {tuple(c) for c in drawn[changed].tolist()}
         assert _PALETTE[int(labels[0])] in colours
 

@@ -11,8 +11,8 @@ Written to ``output`` (by default the run directory):
   COCO, ``000000397133.jpg``) that number is the ``image_id``, so the file evaluates directly
   against the dataset's annotations; otherwise pictures and frames are numbered from 0.
 
-Images are resized to ``image_size`` as in validation (no aspect kept); boxes come back in the
-original pixels. ``backend=onnx`` runs the graph of ``python -m rtdetr_lit.export`` with ONNX
+Images are resized to ``image_size`` by the validation pipeline (no aspect kept); boxes come back
+in the original pixels. ``backend=onnx`` runs the graph of ``python -m rtdetr_lit.export`` with ONNX
 Runtime: ``ckpt_path`` may be such an ``.onnx`` file, any other checkpoint is exported first.
 """
 
@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from rtdetr_lit.config import CONFIG_DIR, ConfigError, register_schemas
+from rtdetr_lit.data.transforms import build_transforms
 from rtdetr_lit.export import (
     INPUT_NAMES,
     ClassInfo,
@@ -122,10 +123,12 @@ def _read_frames(capture: cv2.VideoCapture, name: str) -> Iterator[_Picture]:
         frame += 1
 
 
-def _preprocess(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    # The validation pipeline's resize (bilinear, aspect not kept), then [0, 1] floats, CHW.
-    height, width = size
-    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+_NO_BOXES = np.zeros((0, 4), np.float32)
+
+
+def _preprocess(image: np.ndarray, transform: Any) -> np.ndarray:
+    """The validation pipeline (resize to the input size), then [0, 1] floats, CHW."""
+    resized = transform(image=image, bboxes=_NO_BOXES, box_index=np.zeros(0, np.int64))["image"]
     return resized.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
 
 
@@ -143,13 +146,13 @@ def _batches(items: Iterable[_Picture], size: int) -> Iterator[list[_Picture]]:
 def _detect(
     pictures: Iterable[_Picture],
     detector: Detector,
-    size: tuple[int, int],
+    transform: Any,
     batch_size: int,
     threshold: float,
 ) -> Iterator[tuple[_Picture, np.ndarray, np.ndarray, np.ndarray]]:
     """Run ``detector`` on batches of ``pictures``; yield each with its kept labels/boxes/scores."""
     for batch in _batches(pictures, batch_size):
-        images = np.stack([_preprocess(p.image, size) for p in batch])
+        images = np.stack([_preprocess(p.image, transform) for p in batch])
         sizes = np.array([(p.image.shape[1], p.image.shape[0]) for p in batch], np.int64)
         labels, boxes, scores = detector(images, sizes)
         for i, p in enumerate(batch):
@@ -259,7 +262,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     detector, classes, size = _load_detector(cfg, output)
     run = {
         "detector": detector,
-        "size": size,
+        "transform": build_transforms(size, None),
         "batch_size": cfg.batch_size,
         "threshold": cfg.threshold,
     }
