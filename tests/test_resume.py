@@ -115,37 +115,43 @@ def assert_same_training_state(resumed: dict, unbroken: dict, rtol: float, atol:
     assert stage == unbroken["callbacks"]["DiscreteFinetune"] and stage["switched"]
 
 
-def test_resume_from_a_mid_epoch_checkpoint_matches_an_unbroken_run(
+def test_resume_mid_epoch_or_at_an_epoch_end_matches_an_unbroken_run(
     tmp_path: Path, one_thread: None
 ) -> None:
-    # Keep every step checkpoint (steps 3 and 6) of the unbroken run; resume from step 6, in the
-    # middle of epoch 1 (its batches 0-1 done, 2-3 to go).
+    # Keep every checkpoint of the unbroken run: every second step, where the last batch of an
+    # epoch is left out (steps 2 and 6), and every epoch end, after validation (steps 4 and 8).
     keep = [
-        "callbacks.last_checkpoint_steps.every_n_train_steps=3",
+        "callbacks.last_checkpoint_steps.every_n_train_steps=2",
         "callbacks.last_checkpoint_steps.save_top_k=-1",
         "callbacks.last_checkpoint_steps.filename='step_{step:02d}'",
         "+callbacks.last_checkpoint_steps.auto_insert_metric_name=false",
+        "callbacks.last_checkpoint.save_top_k=-1",
+        "callbacks.last_checkpoint.filename='epoch_end_{step:02d}'",
+        "+callbacks.last_checkpoint.auto_insert_metric_name=false",
     ]
-    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    unbroken = tmp_path / "unbroken"
     _train_in_process(unbroken, tiny_run(tmp_path, *keep))
-    step6 = unbroken / "checkpoints" / "step_06.ckpt"
-    assert _load(step6)["global_step"] == 6
-    _train_in_process(resumed, tiny_run(tmp_path, f"ckpt_path={step6}"))
-
-    # The resumed run trains exactly the two remaining batches of epoch 1, the same images in
-    # the same order as the unbroken run, at the policy of epoch 1 (128 px, multi-scale over).
-    expected = [b for b in _batches(unbroken) if b["step"] >= 6]
-    assert [b["step"] for b in expected] == [6, 7]
-    assert _batches(resumed) == expected
-    assert all(b["size"] == [128, 128] for b in expected)
+    saved = sorted(p.name for p in (unbroken / "checkpoints").glob("*_0?.ckpt"))
+    assert saved == ["epoch_end_04.ckpt", "epoch_end_08.ckpt", "step_02.ckpt", "step_06.ckpt"]
+    end = EPOCHS * STEPS_PER_EPOCH
+    final = _load(unbroken / "checkpoints" / f"epoch_end_{end:02d}.ckpt")
+    assert final["global_step"] == end
+    # the policy epoch: multi-scale (160 px) in epoch 0 only
     assert {tuple(b["size"]) for b in _batches(unbroken) if b["epoch"] == 0} == {(160, 160)}
 
-    end = EPOCHS * STEPS_PER_EPOCH
-    last_unbroken = _load(unbroken / "checkpoints" / "last.ckpt")
-    last_resumed = _load(resumed / "checkpoints" / "last.ckpt")
-    assert last_unbroken["global_step"] == end
-    # Same process, same thread count: the arithmetic is the same, so the states are identical.
-    assert_same_training_state(last_resumed, last_unbroken, rtol=0, atol=0)
+    # From step 6, in the middle of epoch 1 (batches 0-1 done, 2-3 to go), and from the end of
+    # epoch 0 (the discrete stage then begins in the resumed run).
+    for name, step in (("step_06", 6), ("epoch_end_04", 4)):
+        resumed, ckpt = tmp_path / f"resumed_from_{name}", unbroken / "checkpoints" / f"{name}.ckpt"
+        _train_in_process(resumed, tiny_run(tmp_path, f"ckpt_path={ckpt}"))
+        # Exactly the remaining batches, the same images in the same order, at the same policy.
+        expected = [b for b in _batches(unbroken) if b["step"] >= step]
+        assert [b["step"] for b in expected] == list(range(step, end))
+        assert _batches(resumed) == expected
+        assert all(b["size"] == [128, 128] for b in expected)
+        # Same process, same thread count: the same arithmetic, so identical states.
+        last = _load(resumed / "checkpoints" / "last.ckpt")
+        assert_same_training_state(last, final, rtol=0, atol=0)
 
 
 @pytest.mark.slow  # three fresh training processes: 2-4 minutes on 2 busy cores
@@ -192,3 +198,54 @@ def test_run_killed_mid_epoch_resumes_with_ckpt_path_auto_like_an_unbroken_run(
         rtol=0,
         atol=0,
     )
+
+
+def _job_processes(marker: Path) -> list[int]:
+    """PIDs of the submitit task below ``marker`` and its DataLoader workers (same command)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes()
+        except OSError:  # the process ended meanwhile
+            continue
+        if b"submitit.core._submit" in text and str(marker).encode() in text:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.slow  # a sweep with one job started twice: about 1 minute on an idle machine
+def test_preempted_submitit_job_is_requeued_and_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """What a pre-empted SLURM job goes through, with submitit's local executor: the signal
+    reaches every process of the job, submitit requeues it, the job runs again in the same
+    directory and ``ckpt_path=auto`` continues from its last.ckpt."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    every3 = "callbacks.last_checkpoint_steps.every_n_train_steps=3"
+    cmd = [sys.executable, "-m", "rtdetr_lit.train", "-m", "hydra/launcher=submitit_local",
+           "ckpt_path=auto", *tiny_run(tmp_path, every3)]  # fmt: skip
+    with open(tmp_path / "sweep.log", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        while not (lasts := list(tmp_path.glob("logs/train/multiruns/*/0/checkpoints/last.ckpt"))):
+            assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "no last.ckpt after 15 minutes"
+            time.sleep(0.05)
+        pids = _job_processes(tmp_path)
+        assert len(pids) == 2  # the task and its DataLoader worker, as SLURM would signal them
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR2)
+        assert proc.wait(timeout=900) == 0, (tmp_path / "sweep.log").read_text()[-4000:]
+
+    job = lasts[0].parents[1]
+    submitit_log = "".join(p.read_text() for p in job.parent.glob(".submitit/*/*_log.*"))
+    assert "Requeued job" in submitit_log and "Job completed successfully" in submitit_log
+    batches = _batches(job)
+    steps = [b["step"] for b in batches]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    saved = batches[restart]["step"]
+    # The requeued job started at the checkpoint (mid-epoch 0), on the batch the sampler had
+    # given at that step, and trained to the end.
+    assert 0 < saved < STEPS_PER_EPOCH
+    assert batches[restart] == next(b for b in batches[:restart] if b["step"] == saved)
+    assert steps[restart:] == list(range(saved, EPOCHS * STEPS_PER_EPOCH))
+    assert _load(job / "checkpoints" / "last.ckpt")["global_step"] == EPOCHS * STEPS_PER_EPOCH

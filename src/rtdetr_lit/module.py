@@ -119,6 +119,8 @@ class RTDETRModule(L.LightningModule):
         self.val_map = _coco_map()
         self.test_map = _coco_map()
         self.val_map_best = MaxMetric()
+        # Saved in checkpoints: a resumed run keeps the best mAP of the epochs before.
+        self.val_map_best.persistent(True)
         if init_from:
             missing = load_model_weights(self.net, init_from)
             log.info("initialised the model from %s", init_from)

@@ -1,4 +1,5 @@
-"""Random generator states in checkpoints: a resumed run draws what an unbroken one would."""
+"""What a run resumed from a checkpoint needs to continue like an unbroken one: the random
+generator states, and step checkpoints Lightning can resume from."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["RandomState"]
+__all__ = ["RandomState", "StepCheckpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +82,21 @@ class RandomState(L.Callback):
             )
             return
         _restore(states[trainer.global_rank])
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for ``every_n_train_steps`` that leaves out the last batch of an epoch.
+
+    Resumed from a checkpoint written there, Lightning goes on with the next epoch without the
+    finished epoch's validation and epoch-end hooks, and without ``on_train_epoch_start`` of the
+    next one (where, for instance, the discrete fine-tuning stage begins). The checkpoint written
+    at the end of the epoch, after validation, follows moments later anyway.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
@@ -245,6 +247,10 @@ class CocoDataModule(L.LightningDataModule):
             sampler=sampler,
             collate_fn=self.collate_train if train else self.collate_eval,
             num_workers=workers,
+            worker_init_fn=_init_worker,
+            # Worker seeds from a generator of the loader's own: starting an epoch or a
+            # validation leaves the global one, restored on resume, untouched.
+            generator=torch.Generator().manual_seed(_sampler_seed()),
             persistent_workers=workers > 0,
             pin_memory=self.pin_memory,
             drop_last=train,
@@ -292,6 +298,20 @@ class CocoDataModule(L.LightningDataModule):
         self._resume_at = (int(state_dict["epoch"]), int(state_dict["samples_done"]))
         # The sampler resumes the epoch, which Lightning cannot see: its warning does not apply.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
+
+
+def _init_worker(worker_id: int) -> None:
+    """Leave the job-control signals to the main process; seed as Lightning would.
+
+    SLURM signals every process of a job step. A requeue handler inherited from the main
+    process (submitit's on SIGUSR2, Lightning's on SIGUSR1) would end a worker early, and the
+    main process would fail on the lost worker instead of requeueing the job.
+    """
+    for name in ("SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # what Lightning adds without a worker_init_fn
+        pl_worker_init_function(worker_id)
 
 
 def _sampler_seed() -> int:
