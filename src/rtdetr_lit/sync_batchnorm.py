@@ -12,10 +12,30 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins import TorchSyncBatchNorm
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["AllReduceBatchNorm", "SyncBatchNormCPU"]
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over the processes; the gradient of each input is the sum of the output gradients."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-reduce (sum) over the default process group."""
+    return _AllReduce.apply(tensor)
 
 
 class AllReduceBatchNorm(_BatchNorm):
@@ -46,11 +66,11 @@ class AllReduceBatchNorm(_BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
-        totals = all_reduce(torch.cat([x.sum(dims), count]))
+        totals = _all_reduce(torch.cat([x.sum(dims), count]))
         n = totals[-1]
         mean = totals[:-1] / n
         centered = x - mean.view(shape)
-        var = all_reduce(centered.square().sum(dims)) / n
+        var = _all_reduce(centered.square().sum(dims)) / n
         out = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)

@@ -122,7 +122,7 @@ def check_launch(trainer: Any) -> None:
     command (``strategy: ddp`` with several devices): each extra rank would run the whole sweep.
 
     Where the cluster starts the processes (SLURM through ``hydra/launcher=slurm``, torchrun)
-    nothing is re-run and sweeps work; ``ddp_spawn`` works locally too.
+    nothing is re-run and sweeps work.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -139,8 +139,8 @@ def check_launch(trainer: Any) -> None:
         raise ConfigError(
             f"trainer.strategy: {trainer.strategy.__class__.__name__} starts its other "
             f"{launcher.num_processes - 1} process(es) by re-running the command, which a Hydra "
-            "multirun (-m) cannot do. Run the jobs one by one, submit the sweep with "
-            "hydra/launcher=slurm, or use trainer.strategy=ddp_spawn."
+            "multirun (-m) cannot do. Run the jobs one by one, or submit the sweep to SLURM "
+            "(hydra/launcher=slurm), where SLURM starts the processes."
         )
 
 
