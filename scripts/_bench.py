@@ -129,10 +129,11 @@ def print_table(
         ratios = {name: mid[name] / mid[baseline] for name in samples}
     print(f"| case | median ({unit}) | min ({unit}) | ratio to {baseline} |")
     print("| --- | ---: | ---: | ---: |")
+    digits = 3 if unit == "s" else 1
     for name, times in samples.items():
-        print(
-            f"| {name} | {mid[name] * scale:.1f} | {min(times) * scale:.1f} | {ratios[name]:.2f} |"
-        )
+        low = min(times) * scale
+        row = f"{mid[name] * scale:.{digits}f} | {low:.{digits}f} | {ratios[name]:.2f}"
+        print(f"| {name} | {row} |")
     return ratios
 
 
@@ -231,9 +232,12 @@ def train_step(
     images: torch.Tensor,
     targets: list[dict[str, torch.Tensor]],
     phases: dict[str, float] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> None:
-    """One plain training step of our detector; adds each phase's seconds to ``phases``."""
-    with _phase(phases, "forward"):
+    """One plain training step of our detector; adds each phase's seconds to ``phases``.
+    With ``autocast`` (e.g. ``torch.bfloat16``) the forward runs under CPU autocast, as with the
+    Trainer's ``precision=bf16-mixed``; the criterion computes in float32 either way."""
+    with _phase(phases, "forward"), torch.autocast("cpu", autocast, enabled=autocast is not None):
         outputs = net(images, targets)
     with _phase(phases, "loss"):
         loss = sum(criterion(outputs, targets).values())
