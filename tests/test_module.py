@@ -115,6 +115,9 @@ def test_fit_validates_with_map_and_saves_loadable_checkpoints(tmp_path: Path) -
     # last.ckpt loads with weights_only and holds the EMA weights as the model's state_dict
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert "current_model_state" in last
+    # the datamodule's classes travel with the checkpoint (export/predict name them from it)
+    assert last["hyper_parameters"]["category_ids"] == CATEGORY_IDS
+    assert last["hyper_parameters"]["class_names"] == ["small", "medium", "large"]
     fresh = create_model("demo", num_classes=NUM_CLASSES, eval_spatial_size=(128, 128))
     assert load_model_weights(fresh, tmp_path / "ckpt" / "last.ckpt") == []
     ema_weight = last["state_dict"]["net.decoder.enc_score_head.weight"]

@@ -134,6 +134,12 @@ class RTDETRModule(L.LightningModule):
             self.category_ids = list(dm.category_ids)
         if self.class_names is None and getattr(dm, "class_names", None) is not None:
             self.class_names = list(dm.class_names)
+        # Saved in checkpoints (as plain lists: they load with weights_only=True), so that export
+        # and predict can name the classes without the dataset.
+        if self.category_ids is not None:
+            self.hparams["category_ids"] = [int(c) for c in self.category_ids]
+        if self.class_names is not None:
+            self.hparams["class_names"] = [str(n) for n in self.class_names]
         num_classes = getattr(dm, "num_classes", None)
         model_classes = self.postprocessor.num_classes
         if num_classes is not None and num_classes != model_classes:
