@@ -274,3 +274,38 @@ def test_builds_from_the_model_config():
     assert isinstance(crit, RTDETRCriterion) and isinstance(crit.matcher, HungarianMatcher)
     assert crit.weight_dict == WEIGHTS and (crit.alpha, crit.gamma) == (0.75, 2.0)
     assert (crit.matcher.cost_class, crit.matcher.cost_bbox, crit.matcher.cost_giou) == (2, 5, 2)
+
+
+def test_final_and_auxiliary_terms_match_hf_rt_detr_loss():
+    """HF's RTDetrLoss (its defaults equal SPEC §7) on the same outputs and targets.
+
+    Compared where the two agree: the last decoder layer and the auxiliary layers. (Encoder and
+    denoising terms differ by design: SPEC §7.)
+    """
+    from transformers import RTDetrV2Config
+    from transformers.loss.loss_rt_detr import RTDetrLoss
+
+    g = torch.Generator().manual_seed(7)
+    num_classes, queries = 5, 30
+    targets = _targets([3, 0, 6], num_classes, g)
+
+    def layer():
+        return {
+            "pred_logits": torch.randn(3, queries, num_classes, generator=g),
+            "pred_boxes": _random_boxes(3 * queries, generator=g).view(3, queries, 4),
+        }
+
+    ours = {**layer(), "aux_outputs": [layer(), layer()]}
+    hf_outputs = {
+        "logits": ours["pred_logits"],
+        "pred_boxes": ours["pred_boxes"],
+        "auxiliary_outputs": [
+            {"logits": a["pred_logits"], "pred_boxes": a["pred_boxes"]} for a in ours["aux_outputs"]
+        ],
+    }
+    hf_targets = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    want = RTDetrLoss(RTDetrV2Config(num_labels=num_classes))(hf_outputs, hf_targets)
+    got = _criterion(num_classes)(ours, targets)
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
