@@ -20,7 +20,8 @@ from rtdetr_lit.config import CONFIG_DIR, register_schemas
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# Layouts of the reference checkpoints (copied from shared/reference: a clean clone has them).
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 
 def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 import torch
 
 from rtdetr_lit.models.decoder import RTDETRTransformer, generate_anchors
 
-REFERENCE_DIR = Path(__file__).resolve().parents[3] / "shared" / "reference"
+from ..conftest import REFERENCE_DIR
+
 NUM_CLASSES = 5
 
 
