@@ -102,3 +102,15 @@ def reference_shapes(name: str, prefix: str) -> dict[str, tuple[int, ...]]:
         for key, (shape, _) in reference_layout(name).items()
         if key.startswith(prefix)
     }
+
+
+# A synthetic set of small images (128-160 px, up to 3 objects) trained at 128 px, 2 per step.
+SMALL_SYNTHETIC = [
+    "data.synthetic.min_size=128",
+    "data.synthetic.max_size=160",
+    "data.synthetic.max_object=64",
+    "data.synthetic.max_objects=3",
+    "data.image_size=[128,128]",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+]

@@ -25,7 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from rtdetr_lit.train import train
 
-from .conftest import compose_config
+from .conftest import SMALL_SYNTHETIC, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # 8 images, global batch 2
@@ -39,13 +39,7 @@ def tiny_run(root: Path, *extra: str) -> list[str]:
         f"paths.log_dir={root / 'logs'}",
         "data.synthetic.num_train=8",
         "data.synthetic.num_val=2",
-        "data.synthetic.min_size=128",
-        "data.synthetic.max_size=160",
-        "data.synthetic.max_object=64",
-        "data.synthetic.max_objects=3",
-        "data.image_size=[128,128]",
-        "data.batch_size=2",
-        "data.val_batch_size=2",
+        *SMALL_SYNTHETIC,
         "data.num_workers=1",
         "data.augment.photometric_p=0",
         "data.augment.zoom_out_p=0",

@@ -19,20 +19,14 @@ from rtdetr_lit import create_model
 from rtdetr_lit.checkpoints import load_model_weights
 from rtdetr_lit.utils import check_launch, resolve_ckpt_path
 
-from .conftest import compose_config
+from .conftest import SMALL_SYNTHETIC, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Each job: a step or two on synthetic 128 px images (2 per step), validated on 2.
 TINY = [
     "data.synthetic.num_val=2",
-    "data.synthetic.min_size=128",
-    "data.synthetic.max_size=160",
-    "data.synthetic.max_object=64",
-    "data.synthetic.max_objects=3",
-    "data.image_size=[128,128]",
-    "data.batch_size=2",
-    "data.val_batch_size=2",
+    *SMALL_SYNTHETIC,
     "data.num_workers=0",
     "recipe.epochs=1",
     "+trainer.num_sanity_val_steps=0",
