@@ -174,3 +174,24 @@ def test_deploy_fusion_keeps_the_outputs() -> None:
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     torch.testing.assert_close(after["pred_logits"], before["pred_logits"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(after["pred_boxes"], before["pred_boxes"], atol=1e-5, rtol=1e-4)
+
+
+def test_channels_last_layout_keeps_the_outputs() -> None:
+    """The default NHWC layout computes what NCHW does, its feature maps stay NHWC, and deploy()
+    keeps the layout for the fused convolutions."""
+    torch.manual_seed(0)
+    nchw = _perturb(create_model("r18", 5, num_queries=50, channels_last=False).eval())
+    nhwc = create_model("r18", 5, num_queries=50).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    assert nhwc.channels_last and not nchw.channels_last
+    images = torch.rand(2, 3, 96, 64)
+    with torch.no_grad():
+        feats = nhwc.backbone(images)
+        assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats)
+        want, got = nchw(images), nhwc(images)
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4)
+        fused = nhwc.deploy()(images)
+    convs = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    torch.testing.assert_close(fused["pred_logits"], want["pred_logits"], atol=1e-4, rtol=1e-4)

@@ -61,8 +61,28 @@ class RTDETR(nn.Module):
         self.decoder.set_sampling_method(method)
         return self
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether convolution weights are stored channels-last (NHWC), so every feature map is.
+
+        ``create_model`` turns it on: oneDNN on CPUs and cuDNN on GPUs run convolutions fastest in
+        this layout (measured in BENCHMARKS.md). Outputs and state-dict keys do not depend on it;
+        input images may come in either layout.
+        """
+        stem = self.backbone.conv1[0].conv.weight
+        return stem.is_contiguous(memory_format=torch.channels_last)
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        self.to(memory_format=torch.channels_last if value else torch.contiguous_format)
+
     def deploy(self) -> RTDETR:
-        """Switch to eval mode and fuse RepVGG blocks and conv+BN pairs (same outputs, faster)."""
+        """Switch to eval mode and fuse RepVGG blocks and conv+BN pairs (same outputs, faster).
+
+        The fused convolutions keep the model's memory layout (:attr:`channels_last`).
+        """
+        layout = self.channels_last
         self.eval()
         fuse_for_deploy(self)
+        self.channels_last = layout
         return self

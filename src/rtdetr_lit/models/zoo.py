@@ -42,6 +42,7 @@ class ModelSpec:
     box_noise_scale: float = 1.0
     eval_spatial_size: tuple[int, int] | None = (640, 640)
     backbone_weights: str | None = None
+    channels_last: bool = True
 
 
 # SPEC §1. S and M* train their backbone BN; M, L and X freeze the stem and every backbone BN.
@@ -95,7 +96,8 @@ def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDET
 
     ``overrides`` replace any :class:`ModelSpec` field, e.g. ``num_points=[4, 2, 1]``,
     ``sampling_method="discrete"``, ``eval_idx=1`` or ``backbone_weights="resnet18.pth"`` (a local
-    file; nothing is downloaded). Weights are randomly initialised as SPEC §4-§5 prescribe.
+    file; nothing is downloaded). Weights are randomly initialised as SPEC §4-§5 prescribe and
+    stored channels-last unless ``channels_last=False`` (see :attr:`RTDETR.channels_last`).
     """
     if name not in MODEL_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_SIZES)}")
@@ -142,4 +144,6 @@ def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDET
         eval_idx=spec.eval_idx,
         sampling_method=spec.sampling_method,
     )
-    return RTDETR(backbone, encoder, decoder)
+    model = RTDETR(backbone, encoder, decoder)
+    model.channels_last = spec.channels_last
+    return model
