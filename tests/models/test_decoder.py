@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ast
-
 import pytest
 import torch
 
 from rtdetr_lit.models.decoder import RTDETRTransformer, generate_anchors
 
-from ..conftest import REFERENCE_DIR
+from ..conftest import reference_layout
 
 NUM_CLASSES = 5
 
@@ -58,25 +56,12 @@ def empty_targets(n: int = 2) -> list[dict[str, torch.Tensor]]:
     return [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}] * n
 
 
-def _read_tsv(name: str) -> list[tuple[str, tuple[int, ...], str]]:
-    path = REFERENCE_DIR / name
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    rows = []
-    for line in path.read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        if key.startswith("decoder."):
-            rows.append((key[len("decoder.") :], tuple(ast.literal_eval(shape)), dtype))
-    return rows
-
-
-@pytest.mark.parametrize(
-    ("tsv", "num_layers"), [("official_state_dict_r18.tsv", 3), ("official_state_dict_r50.tsv", 6)]
-)
-def test_state_dict_matches_reference_layout(tsv, num_layers):
-    want = _read_tsv(tsv)
+@pytest.mark.parametrize(("name", "num_layers"), [("r18", 3), ("r50", 6)])
+def test_state_dict_matches_reference_layout(name, num_layers):
+    layout = reference_layout(name).items()
+    want = [(k.removeprefix("decoder."), v) for k, v in layout if k.startswith("decoder.")]
     model = RTDETRTransformer(num_classes=80, num_layers=num_layers, eval_spatial_size=(640, 640))
-    got = [(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
+    got = [(k, (tuple(v.shape), v.dtype)) for k, v in model.state_dict().items()]
     assert got == want  # names, order, shapes and dtypes
 
 

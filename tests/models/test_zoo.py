@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from rtdetr_lit import create_model
 from rtdetr_lit.models import MODEL_SIZES
+
+from ..conftest import reference_layout
 
 # SPEC §1: exact parameter totals of the reference modules with 80 classes.
 SPEC_PARAMS = {
@@ -37,11 +37,6 @@ def _perturb(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _read_layout(path: Path) -> dict[str, tuple[str, str]]:
-    rows = (line.rstrip("\n").split("\t") for line in path.read_text().splitlines())
-    return {name: (shape, dtype) for name, shape, dtype in rows}
-
-
 @pytest.mark.parametrize("name", ZOO)
 def test_parameter_count_matches_spec(name: str) -> None:
     model = create_model(name)
@@ -49,11 +44,9 @@ def test_parameter_count_matches_spec(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["r18", "r50"])
-def test_state_dict_is_the_reference_layout(name: str, reference_dir: Path) -> None:
-    expected = _read_layout(reference_dir / f"official_state_dict_{name}.tsv")
-    got = {
-        k: (str(tuple(v.shape)), str(v.dtype)) for k, v in create_model(name).state_dict().items()
-    }
+def test_state_dict_is_the_reference_layout(name: str) -> None:
+    expected = reference_layout(name)
+    got = {k: (tuple(v.shape), v.dtype) for k, v in create_model(name).state_dict().items()}
     assert sorted(got) == sorted(expected)
     assert got == expected
 
