@@ -86,6 +86,20 @@ def test_checkpoint_holds_average_and_raw_weights(tmp_path: Path) -> None:
     assert not torch.allclose(state["state_dict"]["layer.weight"], raw["layer.weight"])
 
 
+def test_testing_a_checkpoint_after_fit_uses_its_average(tmp_path: Path) -> None:
+    recorder, ema = _Recorder(), EMA(decay=0.9, warmup_steps=3)
+    trainer, model = _fit(tmp_path, 4, ema, recorder)
+    (ckpt,) = Path(tmp_path).rglob("*.ckpt")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    averaged, raw = state["state_dict"]["layer.weight"], state["current_model_state"]["layer.weight"]
+    assert not torch.equal(averaged, raw)
+    with torch.no_grad():
+        model.layer.weight.zero_()  # whatever the model holds now must be replaced by the file
+    model.test_step = lambda batch, batch_idx: None
+    trainer.test(model, DataLoader(TensorDataset(torch.randn(4, 3)), batch_size=4), ckpt_path=ckpt)
+    assert torch.equal(model.layer.weight, averaged)
+
+
 def test_restart_copies_the_current_weights(tmp_path: Path) -> None:
     class _RestartAt3(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

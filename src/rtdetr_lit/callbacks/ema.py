@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 
 __all__ = ["EMA", "ema_decay"]
 
@@ -60,6 +62,18 @@ class EMA(WeightAveraging):
         """How many updates the current average has seen (0 before training)."""
         model = self._average_model
         return 0 if model is None else int(model.n_averaged)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict
+    ) -> None:
+        """Resume the average when fitting; otherwise keep the averaged weights just loaded.
+
+        Lightning's callback puts the raw weights back whenever it holds an average, which includes
+        ``trainer.test(ckpt_path="best")`` after ``fit`` in the same process: that would test the
+        raw weights of the best checkpoint, not the EMA weights it was chosen by.
+        """
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def restart(self) -> None:
         """Forget the average: the next update copies the current weights and the ramp restarts."""
