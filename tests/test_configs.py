@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
@@ -184,6 +185,14 @@ def test_cli_prints_composed_config_from_any_directory(tmp_path: Path) -> None:
     assert cfg.model.net.name == "r50" and cfg.model.net.backbone_depth == 50
     assert cfg.model.net.expansion == 1.0 and cfg.model.backbone_lr == 1e-5
     assert "Configuration groups" in _run_cli(["--help"], cwd=tmp_path)
+
+
+def test_multirun_folder_resolves_before_any_job(tmp_path: Path, monkeypatch) -> None:
+    """`-m` resolves hydra.sweep.dir in the launching process, before a job's runtime exists."""
+    cfg = compose_config("train", ["task_name=sweep"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
+    assert Path(cfg.hydra.sweep.dir).parent == tmp_path / "logs" / "sweep" / "multiruns"
 
 
 def test_wheel_ships_the_configs(tmp_path: Path) -> None:

@@ -39,10 +39,13 @@ TINY = [
 
 
 def _sweep(tmp_path: Path, *args: str, steps: int = 1) -> Path:
-    """Run ``python -m rtdetr_lit.train`` with ``args`` below ``tmp_path``; the sweep folder."""
+    """Run ``python -m rtdetr_lit.train`` with ``args`` in ``tmp_path``; the sweep folder.
+
+    Outputs and data land below the directory the command starts in, as for a user.
+    """
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "rtdetr_lit.train", *args, *TINY,
-           f"data.synthetic.num_train={2 * steps}", f"paths.root_dir={tmp_path}"]  # fmt: skip
+           f"data.synthetic.num_train={2 * steps}"]  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = ["CONFIG_DIR", "ConfigError", "register_schemas", "validate_config"]
@@ -121,8 +123,17 @@ class PredictSchema(_CommonSchema):
     opset: int = 17
 
 
+def _launch_dir() -> str:
+    """The directory the command was started from: Hydra's ``runtime.cwd`` inside a job, the
+    current directory before one (a multirun resolves its sweep folder before any job exists)."""
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+
+
 def register_schemas() -> None:
-    """Register the schemas that the entry configs (``train.yaml``, ...) name in their defaults."""
+    """Register the schemas that the entry configs (``train.yaml``, ...) name in their defaults,
+    and the ``launch_dir`` resolver that ``paths.root_dir`` uses."""
+    if not OmegaConf.has_resolver("launch_dir"):
+        OmegaConf.register_new_resolver("launch_dir", _launch_dir)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainSchema)
     cs.store(name="eval_schema", node=EvalSchema)
