@@ -91,7 +91,8 @@ def test_testing_a_checkpoint_after_fit_uses_its_average(tmp_path: Path) -> None
     trainer, model = _fit(tmp_path, 4, ema, recorder)
     (ckpt,) = Path(tmp_path).rglob("*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    averaged, raw = state["state_dict"]["layer.weight"], state["current_model_state"]["layer.weight"]
+    averaged = state["state_dict"]["layer.weight"]
+    raw = state["current_model_state"]["layer.weight"]
     assert not torch.equal(averaged, raw)
     with torch.no_grad():
         model.layer.weight.zero_()  # whatever the model holds now must be replaced by the file
