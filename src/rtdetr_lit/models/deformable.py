@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SAMPLING_METHODS", "MSDeformableAttention", "sample_discrete", "sample_grid"]
+__all__ = ["SAMPLING_METHODS", "MSDeformableAttention", "gather_discrete", "sample_grid"]
 
 SAMPLING_METHODS = ("grid_sample", "discrete")
 
@@ -34,31 +34,57 @@ def sample_grid(value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def sample_discrete(value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-    """Nearest-pixel sampling by gather: no interpolation, hence no gradient w.r.t. ``loc``.
+def gather_discrete(
+    value: torch.Tensor,
+    loc: torch.Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    points_per_level: Sequence[int],
+) -> torch.Tensor:
+    """Nearest-pixel sampling of every level by one row gather: no interpolation, hence no
+    gradient w.r.t. ``loc``.
 
-    The pixel is ``(int(x * W + 0.5), int(y * H + 0.5))`` (truncation toward zero), clamped into the
-    map. Only Cast/Clip/Gather-style ops are used so that ONNX export needs no GridSample.
+    A point of level ``l`` reads the pixel ``(int(x * W_l + 0.5), int(y * H_l + 0.5))``
+    (truncation toward zero), clamped into the map. Each read copies one head's ``d`` contiguous
+    channels, and the graph needs only Cast/Min/Max/Gather-style ops (ONNX without GridSample).
 
     Args:
-        value: (N, D, H, W) feature map.
-        loc: (N, Q, K, 2) normalised (x, y) locations.
+        value: (B, N, heads, d) values, levels flattened row-major and concatenated.
+        loc: (B, Q, heads, P, 2) normalised (x, y) locations, points ordered level by level.
+        spatial_shapes: (H_l, W_l) per level.
+        points_per_level: the point count of each level (sums to P).
 
     Returns:
-        (N, D, Q, K) gathered features.
+        (B, Q, heads, P, d) gathered values.
     """
-    n, d, h, w = value.shape
-    _, q, k, _ = loc.shape
+    bsz, num_v, heads, head_dim = value.shape
+    _, num_q, _, total, _ = loc.shape
+    per_point = [
+        (w, h, first)
+        for (h, w), first, n in zip(
+            spatial_shapes, _level_starts(spatial_shapes), points_per_level, strict=True
+        )
+        for _ in range(n)
+    ]
+    width, height, first = torch.tensor(per_point, device=loc.device).unbind(-1)  # (P,) each
     # float32 so that fp16 rounding under autocast cannot move a location to the neighbouring pixel
     loc = loc.float()
-    ix = (loc[..., 0] * w + 0.5).to(torch.int64).clamp(0, w - 1)
-    iy = (loc[..., 1] * h + 0.5).to(torch.int64).clamp(0, h - 1)
-    flat_idx = (iy * w + ix).reshape(n, 1, q * k).expand(n, d, q * k)
-    picked = torch.gather(value.reshape(n, d, h * w), 2, flat_idx)
-    return picked.reshape(n, d, q, k)
+    ix = torch.minimum((loc[..., 0] * width + 0.5).to(torch.int64).clamp(min=0), width - 1)
+    iy = torch.minimum((loc[..., 1] * height + 0.5).to(torch.int64).clamp(min=0), height - 1)
+    token = first + iy * width + ix  # (B, Q, heads, P): position in N
+    batch = torch.arange(bsz, device=loc.device).reshape(bsz, 1, 1, 1) * num_v
+    head = torch.arange(heads, device=loc.device).reshape(1, 1, heads, 1)
+    rows = ((batch + token) * heads + head).flatten()
+    picked = value.reshape(bsz * num_v * heads, head_dim).index_select(0, rows)
+    return picked.reshape(bsz, num_q, heads, total, head_dim)
 
 
-_SAMPLERS = {"grid_sample": sample_grid, "discrete": sample_discrete}
+def _level_starts(spatial_shapes: Sequence[tuple[int, int]]) -> list[int]:
+    """Index of each level's first token in the concatenated sequence."""
+    starts, total = [], 0
+    for h, w in spatial_shapes:
+        starts.append(total)
+        total = total + h * w  # not +=: while tracing for export the sizes are tensors
+    return starts
 
 
 class MSDeformableAttention(nn.Module):
@@ -191,7 +217,11 @@ class MSDeformableAttention(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4 values, got {ref.shape[-1]}")
 
-        sampled = self._sample(value, loc, spatial_shapes)  # (B*heads, head_dim, Q, P)
+        if self.method == "discrete":
+            picked = gather_discrete(value, loc, spatial_shapes, self.num_points_list)
+            out = (picked * weights[..., None]).sum(3)  # (B, Q, heads, head_dim)
+            return self.output_proj(out.reshape(bsz, num_q, heads * head_dim))
+        sampled = self._sample_grid(value, loc, spatial_shapes)  # (B*heads, head_dim, Q, P)
         weights = weights.permute(0, 2, 1, 3).reshape(bsz * heads, 1, num_q, total)
         out = (sampled * weights).sum(-1)  # (B*heads, head_dim, Q)
         out = out.reshape(bsz, heads * head_dim, num_q).transpose(1, 2)
@@ -208,17 +238,16 @@ class MSDeformableAttention(nn.Module):
         ]
         return torch.tensor(sizes, dtype=like.dtype, device=like.device)
 
-    def _sample(
+    def _sample_grid(
         self, value: torch.Tensor, loc: torch.Tensor, spatial_shapes: Sequence[tuple[int, int]]
     ) -> torch.Tensor:
         """value (B, N, heads, d) and loc (B, Q, heads, P, 2) -> (B*heads, d, Q, P), all levels."""
         bsz, _, heads, head_dim = value.shape
-        sampler = _SAMPLERS[self.method]
         value_levels = value.split([h * w for h, w in spatial_shapes], dim=1)
         loc_levels = loc.permute(0, 2, 1, 3, 4).flatten(0, 1).split(self.num_points_list, dim=2)
         sampled = []
         for (h, w), v, lc in zip(spatial_shapes, value_levels, loc_levels, strict=True):
             # (B, HW, heads, d) -> (B*heads, d, H, W)
             v = v.permute(0, 2, 3, 1).reshape(bsz * heads, head_dim, h, w)
-            sampled.append(sampler(v, lc))
+            sampled.append(sample_grid(v, lc))
         return torch.cat(sampled, dim=-1)
