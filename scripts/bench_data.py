@@ -14,9 +14,8 @@ epoch per timed round):
   (scaled), SanitizeBoundingBoxes, boxes to normalised cxcywh; float images stacked.
 
 The images are a synthetic set at COCO's image size (480 to 640 px a side), generated once under
-``data/synthetic-coco-size``. DataLoader runs torch single-threaded in a worker; OpenCV is set to
-one thread there too, so that one worker is one core for both pipelines (``--cv2-threads 0`` keeps
-OpenCV's default, which is what training gets today).
+``data/synthetic-coco-size``. DataLoader runs torch single-threaded in a worker, and the data
+module's workers run OpenCV on one thread too: one worker is one core for both pipelines.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import argparse
 import itertools
 import os
 
-import cv2
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -119,21 +117,11 @@ def stack(batch):
     return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
 
 
-def _limit_cv2_threads(threads: int):
-    def init(worker_id: int) -> None:
-        cv2.setNumThreads(threads)
-
-    return init
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config")
     parser.add_argument("--images", type=int, default=160, help="images per timed round")
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per pipeline")
-    parser.add_argument(
-        "--cv2-threads", type=int, default=1, help="OpenCV threads in the worker (0: default)"
-    )
     args = parser.parse_args()
 
     setup()
@@ -144,8 +132,6 @@ def main() -> None:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     ours = datamodule.train_dataloader()
-    if args.cv2_threads > 0:
-        ours.worker_init_fn = _limit_cv2_threads(args.cv2_threads)
     dataset = ours.dataset
     theirs_set = TorchvisionDataset(dataset.annotations, dataset.image_dir, datamodule.image_size)
     theirs = DataLoader(
@@ -162,8 +148,8 @@ def main() -> None:
         f"{len(dataset)} images of {dataset.annotations.widths.mean():.0f}x"
         f"{dataset.annotations.heights.mean():.0f} px on average "
         f"({len(dataset.annotations.boxes)} boxes) -> {datamodule.image_size}, batch "
-        f"{ours.batch_size}, {ours.num_workers} worker, cv2 threads in the worker: "
-        f"{args.cv2_threads or cv2.getNumThreads()}, strong augmentation"
+        f"{ours.batch_size}, {ours.num_workers} worker (OpenCV on one thread there), "
+        "strong augmentation"
     )
 
     def one_epoch(loader: DataLoader):

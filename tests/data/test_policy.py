@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import lightning as L
 import pytest
 import torch
@@ -65,6 +66,16 @@ def test_policy_switches_at_the_stop_epoch_in_persistent_workers(whole_image_box
             assert size == 96 and narrowest < 1.0, (epoch, size, narrowest)
         else:
             assert size == 64 and narrowest == pytest.approx(1.0), (epoch, size, narrowest)
+
+
+def test_workers_run_opencv_on_one_thread(whole_image_boxes) -> None:
+    """A worker is one core: OpenCV's own thread pool would compete with the other workers."""
+    assert cv2.getNumThreads() != 1  # the main process keeps OpenCV's default
+    dm = make_datamodule(whole_image_boxes, num_workers=1, batch_size=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.collate_fn = lambda samples: cv2.getNumThreads()
+    assert next(iter(loader)) == 1
 
 
 def test_train_sampler_tags_indices_with_the_epoch_and_reshuffles() -> None:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -301,12 +302,15 @@ class CocoDataModule(L.LightningDataModule):
 
 
 def _init_worker(worker_id: int) -> None:
-    """Leave the job-control signals to the main process; seed as Lightning would.
+    """One core per worker; job-control signals left to the main process; seeds as Lightning's.
 
-    SLURM signals every process of a job step. A requeue handler inherited from the main
+    PyTorch runs a worker's torch ops on one thread; OpenCV (decode, resize, colour) gets one too,
+    or every worker would start a thread per core and compete with the others and the training
+    process. SLURM signals every process of a job step: a requeue handler inherited from the main
     process (submitit's on SIGUSR2, Lightning's on SIGUSR1) would end a worker early, and the
     main process would fail on the lost worker instead of requeueing the job.
     """
+    cv2.setNumThreads(1)
     for name in ("SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
