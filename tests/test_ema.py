@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -118,6 +119,23 @@ def test_restart_copies_the_current_weights(tmp_path: Path) -> None:
     trainer.fit(model, DataLoader(TensorDataset(torch.randn(16, 3)), batch_size=4))
     assert ema.num_updates == 1
     torch.testing.assert_close(model.layer.weight, recorder.snapshots[-1]["layer.weight"])
+
+
+def test_average_follows_a_double_precision_module(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, ema = _Tiny(), EMA(decay=0.9, warmup_steps=3)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, precision="64-true",
+        callbacks=[ema], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model, DataLoader(TensorDataset(torch.randn(16, 3)), batch_size=4))
+    assert ema.num_updates == 4 and model.layer.weight.dtype == torch.float64
+
+
+def test_callback_pickles_for_spawned_processes() -> None:
+    ema = pickle.loads(pickle.dumps(EMA(decay=0.99, warmup_steps=7)))
+    assert (ema.decay, ema.warmup_steps) == (0.99, 7)
 
 
 def test_bad_arguments() -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -21,8 +22,17 @@ def ema_decay(updates: int, decay: float = 0.9999, warmup_steps: int = 2000) -> 
     return decay * (1.0 - math.exp(-updates / warmup_steps))
 
 
-def _ema_update(decay: float, warmup_steps: int) -> Callable[..., None]:
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+@dataclass(frozen=True)
+class _EMAUpdate:
+    """The ``multi_avg_fn`` of :class:`EMA`; a class, not a closure, so that the callback pickles
+    (``ddp_spawn`` and notebooks send callbacks to new processes)."""
+
+    decay: float
+    warmup_steps: int
+
+    def __call__(
+        self, averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor
+    ) -> None:
         # Called once per (device, dtype) group. Integer and bool state (BN step counters, masks)
         # is copied, not averaged.
         if not averaged[0].is_floating_point():
@@ -30,10 +40,8 @@ def _ema_update(decay: float, warmup_steps: int) -> Callable[..., None]:
                 a.copy_(c)
             return
         # n counts earlier updates; the first one copied the weights outright.
-        d = ema_decay(int(n) + 1, decay, warmup_steps)
+        d = ema_decay(int(n) + 1, self.decay, self.warmup_steps)
         torch._foreach_lerp_(averaged, current, 1.0 - d)
-
-    return update
 
 
 class EMA(WeightAveraging):
@@ -52,7 +60,7 @@ class EMA(WeightAveraging):
         if not 0.0 < decay < 1.0 or warmup_steps <= 0:
             raise ValueError("EMA needs 0 < decay < 1 and warmup_steps > 0")
         super().__init__(
-            device=device, use_buffers=True, multi_avg_fn=_ema_update(decay, warmup_steps)
+            device=device, use_buffers=True, multi_avg_fn=_EMAUpdate(decay, warmup_steps)
         )
         self.decay = decay
         self.warmup_steps = warmup_steps
@@ -62,6 +70,25 @@ class EMA(WeightAveraging):
         """How many updates the current average has seen (0 before training)."""
         model = self._average_model
         return 0 if model is None else int(model.n_averaged)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Give the average the dtypes (and, without an explicit ``device``, the device) of the
+        module as the strategy set it up.
+
+        Lightning copies the module into the average in ``setup``, before the strategy moves it to
+        its device and the precision plugin converts it (``64-true``, ``bf16-true``): without this
+        the average would stay float32 (and the update fail) or stay on the CPU (and every update
+        copy the weights off the GPU).
+        """
+        if self._average_model is None:
+            return
+        module = self._average_model.module
+        averaged = itertools.chain(module.parameters(), module.buffers())
+        current = itertools.chain(pl_module.parameters(), pl_module.buffers())
+        for avg, cur in zip(averaged, current, strict=True):
+            device = avg.device if self._device is not None else cur.device
+            if (avg.dtype, avg.device) != (cur.dtype, device):
+                avg.data = avg.data.to(device=device, dtype=cur.dtype)
 
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict
