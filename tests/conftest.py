@@ -114,3 +114,13 @@ SMALL_SYNTHETIC = [
     "data.batch_size=2",
     "data.val_batch_size=2",
 ]
+
+# A command-line training run for tests: CPU, no sanity check, test or console extras, no pictures.
+QUIET_CPU_RUN = [
+    "+trainer.num_sanity_val_steps=0",
+    "trainer.accelerator=cpu",
+    "test=false",
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.prediction_pictures=null",
+]

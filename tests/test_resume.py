@@ -25,7 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from rtdetr_lit.train import train
 
-from .conftest import SMALL_SYNTHETIC, compose_config
+from .conftest import QUIET_CPU_RUN, SMALL_SYNTHETIC, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 4  # 8 images, global batch 2
@@ -54,12 +54,7 @@ def tiny_run(root: Path, *extra: str) -> list[str]:
         "model.init_from=null",
         f"recipe.discrete_epochs={EPOCHS}",
         "recipe.discrete_aug_stop_epoch=1",
-        "+trainer.num_sanity_val_steps=0",
-        "trainer.accelerator=cpu",
-        "test=false",
-        "extras.print_config=false",
-        "callbacks.rich_progress_bar=null",
-        "callbacks.prediction_pictures=null",
+        *QUIET_CPU_RUN,
         "+callbacks.batch_probe._target_=tests.probes.BatchProbe",
         *extra,
     ]

@@ -19,7 +19,7 @@ from rtdetr_lit import create_model
 from rtdetr_lit.checkpoints import load_model_weights
 from rtdetr_lit.utils import check_launch, resolve_ckpt_path
 
-from .conftest import SMALL_SYNTHETIC, compose_config
+from .conftest import QUIET_CPU_RUN, SMALL_SYNTHETIC, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,12 +29,7 @@ TINY = [
     *SMALL_SYNTHETIC,
     "data.num_workers=0",
     "recipe.epochs=1",
-    "+trainer.num_sanity_val_steps=0",
-    "trainer.accelerator=cpu",
-    "test=false",
-    "extras.print_config=false",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.prediction_pictures=null",
+    *QUIET_CPU_RUN,
 ]
 
 
