@@ -58,13 +58,7 @@ def gather_discrete(
     """
     bsz, num_v, heads, head_dim = value.shape
     _, num_q, _, total, _ = loc.shape
-    per_point = [
-        (w, h, first)
-        for (h, w), first, n in zip(
-            spatial_shapes, _level_starts(spatial_shapes), points_per_level, strict=True
-        )
-        for _ in range(n)
-    ]
+    per_point = _point_levels(spatial_shapes, points_per_level)
     width, height, first = torch.tensor(per_point, device=loc.device).unbind(-1)  # (P,) each
     # float32 so that fp16 rounding under autocast cannot move a location to the neighbouring pixel
     loc = loc.float()
@@ -78,13 +72,15 @@ def gather_discrete(
     return picked.reshape(bsz, num_q, heads, total, head_dim)
 
 
-def _level_starts(spatial_shapes: Sequence[tuple[int, int]]) -> list[int]:
-    """Index of each level's first token in the concatenated sequence."""
-    starts, total = [], 0
-    for h, w in spatial_shapes:
-        starts.append(total)
-        total = total + h * w  # not +=: while tracing for export the sizes are tensors
-    return starts
+def _point_levels(
+    spatial_shapes: Sequence[tuple[int, int]], points_per_level: Sequence[int]
+) -> list[tuple[int, int, int]]:
+    """(W_l, H_l, index of the level's first token) for every point, points level by level."""
+    rows, first = [], 0
+    for (h, w), n in zip(spatial_shapes, points_per_level, strict=True):
+        rows += [(w, h, first)] * n
+        first = first + h * w  # not +=: while tracing for export the sizes are tensors
+    return rows
 
 
 class MSDeformableAttention(nn.Module):
@@ -232,9 +228,7 @@ class MSDeformableAttention(nn.Module):
     ) -> torch.Tensor:
         """(P, 2) level width/height of every point, to turn pixel offsets into normalised ones."""
         sizes = [
-            (float(w), float(h))
-            for (h, w), n in zip(spatial_shapes, self.num_points_list, strict=True)
-            for _ in range(n)
+            (float(w), float(h)) for w, h, _ in _point_levels(spatial_shapes, self.num_points_list)
         ]
         return torch.tensor(sizes, dtype=like.dtype, device=like.device)
 
