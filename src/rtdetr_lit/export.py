@@ -231,6 +231,7 @@ def export_checkpoint(cfg: DictConfig, path: str | os.PathLike[str]) -> Path:
         **classes.to_metadata(),
         "model": str(cfg.model.net.name),
         "sampling_method": model.net.sampling_method,
+        "discrete_snap": model.net.discrete_snap,
         "image_size": json.dumps(list(image_size)),
     }
     path = export_onnx(model, path, image_size, cfg.opset, metadata)

@@ -26,7 +26,10 @@ def _bilinear(fmap: torch.Tensor, x: float, y: float) -> torch.Tensor:
 
 
 def _naive(attn: MSDeformableAttention, query, ref, value, shapes, discrete=False):
-    """Loop over batch, query, head and point; only the Linear layers are shared with the module."""
+    """Loop over batch, query, head and point; only the Linear layers are shared with the module.
+    Discrete points read the pixel containing them (``"nearest"``) or, under the reference rule,
+    the pixel whose top-left corner is nearest."""
+    shift = 0.5 if attn.discrete_snap == "reference" else 0.0
     bsz, num_q, _ = query.shape
     heads, dim = attn.num_heads, attn.embed_dim // attn.num_heads
     v = attn.value_proj(value).reshape(bsz, -1, heads, dim)
@@ -49,8 +52,8 @@ def _naive(attn: MSDeformableAttention, query, ref, value, shapes, discrete=Fals
                     y = cy + offsets[b, q, hd, p, 1].item() / n_l * bh * 0.5
                     fmap = v[b, starts[lvl] : starts[lvl + 1], hd].T.reshape(dim, h, w)
                     if discrete:
-                        xi = min(max(int(x * w + 0.5), 0), w - 1)
-                        yi = min(max(int(y * h + 0.5), 0), h - 1)
+                        xi = min(max(math.floor(x * w + shift), 0), w - 1)
+                        yi = min(max(math.floor(y * h + shift), 0), h - 1)
                         sample = fmap[:, yi, xi]
                     else:
                         sample = _bilinear(fmap, x, y)
@@ -58,9 +61,9 @@ def _naive(attn: MSDeformableAttention, query, ref, value, shapes, discrete=Fals
     return attn.output_proj(out.reshape(bsz, num_q, heads * dim))
 
 
-def _random_module(points, method="grid_sample"):
+def _random_module(points, method="grid_sample", snap="nearest"):
     torch.manual_seed(0)
-    attn = MSDeformableAttention(16, 2, 3, points, method=method).double()
+    attn = MSDeformableAttention(16, 2, 3, points, method=method, discrete_snap=snap).double()
     with torch.no_grad():  # non-trivial offsets and weights so that every path matters
         for lin in (attn.sampling_offsets, attn.attention_weights):
             lin.weight.normal_(0, 0.5)
@@ -77,9 +80,12 @@ def _inputs(bsz=2, num_q=3):
     return query, torch.cat([centre, size], -1), value
 
 
-@pytest.mark.parametrize("method", ["grid_sample", "discrete"])
-def test_matches_naive_loop_with_uneven_points(method):
-    attn = _random_module([4, 2, 1], method)
+@pytest.mark.parametrize(
+    ("method", "snap"),
+    [("grid_sample", "nearest"), ("discrete", "nearest"), ("discrete", "reference")],
+)
+def test_matches_naive_loop_with_uneven_points(method, snap):
+    attn = _random_module([4, 2, 1], method, snap)
     query, ref, value = _inputs()
     with torch.no_grad():
         got = attn(query, ref, value, SHAPES)
@@ -88,44 +94,76 @@ def test_matches_naive_loop_with_uneven_points(method):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_discrete_picks_expected_pixels_on_non_square_map():
-    # one level 3x5 (H x W), one head, one point; value channel 0 holds each pixel's flat index
-    attn = MSDeformableAttention(4, 1, 1, [1], method="discrete").double()
+def _index_reader(h: int, w: int, snap: str = "nearest"):
+    """One level, head and point; identity projections and zero offset weights, and a value map
+    whose channel 0 holds each pixel's flat index: the output says which pixel was read."""
+    attn = MSDeformableAttention(4, 1, 1, [1], method="discrete", discrete_snap=snap).double()
     with torch.no_grad():
         for lin in (attn.value_proj, attn.output_proj):
             lin.weight.copy_(torch.eye(4))
             lin.bias.zero_()
         attn.sampling_offsets.weight.zero_()
-    h, w = 3, 5
     value = torch.zeros(1, h * w, 4, dtype=torch.float64)
     value[0, :, 0] = torch.arange(h * w, dtype=torch.float64)
+    return attn, value
+
+
+@pytest.mark.parametrize(
+    ("snap", "want_x", "want_y"),
+    [
+        # the pixel containing (x*5, y*3), clamped to [0,4] and [0,2]
+        ("nearest", [0, 0, 0, 2, 4, 4, 0, 3], [0, 0, 0, 1, 2, 2, 0, 2]),
+        # int(x*5+0.5) and int(y*3+0.5), truncated toward zero, then clamped
+        ("reference", [0, 0, 1, 3, 4, 4, 0, 3], [0, 0, 1, 2, 2, 2, 0, 2]),
+    ],
+)
+def test_discrete_picks_expected_pixels_on_non_square_map(snap, want_x, want_y):
+    h, w = 3, 5
+    attn, value = _index_reader(h, w, snap)
     # reference centres, zero size => loc = centre + bias offset * 0 = centre
     xs = [0.0, 0.09, 0.11, 0.5, 0.95, 1.3, -0.2, 0.69]
     ys = [0.0, 0.15, 0.17, 0.5, 0.95, 1.3, -0.2, 0.99]
     ref = torch.tensor([[[[x, y, 0.0, 0.0]] for x, y in zip(xs, ys, strict=True)]])
     out = attn(torch.zeros(1, len(xs), 4, dtype=torch.float64), ref.double(), value, [(h, w)])
-    # int(x*5+0.5) and int(y*3+0.5), truncated toward zero, then clamped to [0,4] and [0,2]
-    want_x = [0, 0, 1, 3, 4, 4, 0, 3]
-    want_y = [0, 0, 1, 2, 2, 2, 0, 2]
     want = [yy * w + xx for xx, yy in zip(want_x, want_y, strict=True)]
     assert out[0, :, 0].tolist() == pytest.approx(want)
 
 
 def test_point_references_move_one_pixel_per_unit_offset():
-    attn = MSDeformableAttention(4, 1, 1, [1], method="discrete").double()
-    with torch.no_grad():
-        for lin in (attn.value_proj, attn.output_proj):
-            lin.weight.copy_(torch.eye(4))
-            lin.bias.zero_()
-        attn.sampling_offsets.weight.zero_()
-        attn.sampling_offsets.bias.copy_(torch.tensor([2.0, 1.0]))  # two pixels right, one down
     h, w = 4, 6
-    value = torch.zeros(1, h * w, 4, dtype=torch.float64)
-    value[0, :, 0] = torch.arange(h * w, dtype=torch.float64)
-    # near the top-left corner; the discrete rule int(v * size + 0.5) then lands on pixel (2, 1)
+    attn, value = _index_reader(h, w)
+    with torch.no_grad():
+        attn.sampling_offsets.bias.copy_(torch.tensor([2.0, 1.0]))  # two pixels right, one down
+    # inside the top-left pixel; two pixels right and one down is pixel (2, 1)
     ref = torch.tensor([[[[0.1 / w, 0.1 / h]]]], dtype=torch.float64)
     out = attn(torch.zeros(1, 1, 4, dtype=torch.float64), ref, value, [(h, w)])
     assert out[0, 0, 0].item() == 1 * w + 2
+
+
+@pytest.mark.parametrize("snap", ["nearest", "reference"])
+def test_nearest_snap_reads_what_grid_sample_reads_at_pixel_centres(snap):
+    """At a pixel centre bilinear sampling returns that pixel alone; the "nearest" rule must read
+    the same pixel (a grid-trained model keeps its inputs), the reference rule reads the next."""
+    h, w = 3, 5
+    attn, value = _index_reader(h, w, snap)
+    value[0, :, 1:] = torch.randn(h * w, 3, dtype=torch.float64)
+    cx, cy = torch.meshgrid(
+        (torch.arange(w, dtype=torch.float64) + 0.5) / w,
+        (torch.arange(h, dtype=torch.float64) + 0.5) / h,
+        indexing="xy",
+    )
+    ref = torch.stack([cx, cy, torch.zeros_like(cx), torch.zeros_like(cx)], -1).reshape(1, -1, 1, 4)
+    query = torch.zeros(1, h * w, 4, dtype=torch.float64)
+    discrete = attn(query, ref, value, [(h, w)])
+    attn.set_method("grid_sample")
+    grid = attn(query, ref, value, [(h, w)])
+    assert torch.allclose(grid[0, :, 0], torch.arange(h * w, dtype=torch.float64))
+    assert torch.allclose(discrete, grid) == (snap == "nearest")
+
+
+def test_unknown_discrete_snap_is_rejected():
+    with pytest.raises(ValueError, match="discrete_snap 'round'"):
+        MSDeformableAttention(8, 2, 1, [1], discrete_snap="round")
 
 
 def test_offset_bias_init_formula():
@@ -216,7 +254,7 @@ def test_matches_hf_deformable_attention(method):
         decoder_method="default" if method == "grid_sample" else "discrete",
     )
     theirs = hf.RTDetrV2MultiscaleDeformableAttention(cfg).double()
-    ours = _random_module(3, method)
+    ours = _random_module(3, method, snap="reference")  # HF's discrete rule
     state = {
         k.replace("num_points_scale", "n_points_scale"): v for k, v in ours.state_dict().items()
     }

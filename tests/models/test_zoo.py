@@ -117,6 +117,21 @@ def test_switches_keep_the_state_dict_keys() -> None:
         assert torch.equal(model(images)["pred_boxes"], grid["pred_boxes"])
 
 
+def test_discrete_snap_reaches_every_cross_attention_and_survives_switches() -> None:
+    def snaps(model):
+        return {layer.cross_attn.discrete_snap for layer in model.decoder.decoder.layers}
+
+    model = create_model("r18", num_classes=5, num_queries=50, discrete_snap="reference")
+    assert snaps(model) == {"reference"} and model.discrete_snap == "reference"
+    model.set_sampling_method("discrete")  # switching the method keeps the rule
+    assert snaps(model) == {"reference"}
+    model.set_sampling_method("discrete", discrete_snap="nearest")
+    assert snaps(model) == {"nearest"}
+    assert create_model("r18", num_classes=5, num_queries=50).discrete_snap == "nearest"
+    with pytest.raises(ValueError, match="discrete_snap"):
+        create_model("r18", num_classes=5, discrete_snap="up")
+
+
 def test_eval_idx_can_change_on_a_built_model() -> None:
     torch.manual_seed(0)
     model = _perturb(create_model("r18", num_classes=5, num_queries=50).eval())

@@ -199,11 +199,17 @@ class RTDETRTransformer(nn.Module):
             raise ValueError(f"eval_idx {value} out of range for {self.num_layers} decoder layers")
         self._eval_idx = int(value)
 
-    def set_sampling_method(self, method: str) -> None:
-        """Switch every cross-attention to ``"grid_sample"`` or ``"discrete"`` (freezes offsets)."""
+    def set_sampling_method(self, method: str, discrete_snap: str | None = None) -> None:
+        """Switch every cross-attention to ``"grid_sample"`` or ``"discrete"`` (freezes offsets);
+        ``discrete_snap`` (``"nearest"``/``"reference"``), when given, sets the pixel rule."""
         for layer in self.decoder.layers:
-            layer.cross_attn.set_method(method)
+            layer.cross_attn.set_method(method, discrete_snap)
         self.sampling_method = method
+
+    @property
+    def discrete_snap(self) -> str:
+        """The pixel rule of discrete sampling (:data:`~.deformable.DISCRETE_SNAPS`)."""
+        return self.decoder.layers[0].cross_attn.discrete_snap
 
     def forward(
         self, feats: Sequence[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None

@@ -4,6 +4,13 @@ Each query samples ``num_points[l]`` locations on level ``l`` per head, around i
 and mixes the sampled values with weights that are softmax-normalised jointly over all points of
 all levels. Two samplers are available: bilinear ``grid_sample`` (training) and ``discrete``
 nearest-pixel gathering (fine-tuning and deployment: it exports to ONNX without GridSample).
+
+Which pixel is "nearest" is the ``discrete_snap`` rule. ``"nearest"`` (default) takes the pixel
+whose centre is closest to the location, under the same pixel geometry as ``grid_sample`` with
+``align_corners=False`` (pixel ``i`` covers ``[i, i + 1) / W``): a grid-trained model keeps reading
+the pixels it weighted most. ``"reference"`` is the reference code's (and HF's)
+``int(x * W + 0.5)``, which reads the pixel half a pixel to the right and below; it is needed for
+weights fine-tuned under that rule (released discrete checkpoints) and for parity tests.
 """
 
 from __future__ import annotations
@@ -15,9 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SAMPLING_METHODS", "MSDeformableAttention", "gather_discrete", "sample_grid"]
+__all__ = [
+    "DISCRETE_SNAPS",
+    "SAMPLING_METHODS",
+    "MSDeformableAttention",
+    "gather_discrete",
+    "sample_grid",
+]
 
 SAMPLING_METHODS = ("grid_sample", "discrete")
+# added to ``x * W`` before truncation: the pixel-centre rule, and the reference code's rule
+DISCRETE_SNAPS = {"nearest": 0.0, "reference": 0.5}
 
 
 def sample_grid(value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
@@ -39,31 +54,36 @@ def gather_discrete(
     loc: torch.Tensor,
     spatial_shapes: Sequence[tuple[int, int]],
     points_per_level: Sequence[int],
+    snap: str = "nearest",
 ) -> torch.Tensor:
     """Nearest-pixel sampling of every level by one row gather: no interpolation, hence no
     gradient w.r.t. ``loc``.
 
-    A point of level ``l`` reads the pixel ``(int(x * W_l + 0.5), int(y * H_l + 0.5))``
-    (truncation toward zero), clamped into the map. Each read copies one head's ``d`` contiguous
-    channels, and the graph needs only Cast/Min/Max/Gather-style ops (ONNX without GridSample).
+    A point of level ``l`` reads the pixel ``(int(x * W_l + s), int(y * H_l + s))`` (truncation
+    toward zero), clamped into the map, with ``s = DISCRETE_SNAPS[snap]``: 0 picks the pixel whose
+    centre is nearest (``"nearest"``), 0.5 the reference code's pixel (``"reference"``). Each read
+    copies one head's ``d`` contiguous channels, and the graph needs only Cast/Min/Max/Gather-style
+    ops (ONNX without GridSample).
 
     Args:
         value: (B, N, heads, d) values, levels flattened row-major and concatenated.
         loc: (B, Q, heads, P, 2) normalised (x, y) locations, points ordered level by level.
         spatial_shapes: (H_l, W_l) per level.
         points_per_level: the point count of each level (sums to P).
+        snap: ``"nearest"`` or ``"reference"`` (see the module docstring).
 
     Returns:
         (B, Q, heads, P, d) gathered values.
     """
+    shift = DISCRETE_SNAPS[snap]
     bsz, num_v, heads, head_dim = value.shape
     _, num_q, _, total, _ = loc.shape
     per_point = _point_levels(spatial_shapes, points_per_level)
     width, height, first = torch.tensor(per_point, device=loc.device).unbind(-1)  # (P,) each
     # float32 so that fp16 rounding under autocast cannot move a location to the neighbouring pixel
     loc = loc.float()
-    ix = torch.minimum((loc[..., 0] * width + 0.5).to(torch.int64).clamp(min=0), width - 1)
-    iy = torch.minimum((loc[..., 1] * height + 0.5).to(torch.int64).clamp(min=0), height - 1)
+    ix = torch.minimum((loc[..., 0] * width + shift).to(torch.int64).clamp(min=0), width - 1)
+    iy = torch.minimum((loc[..., 1] * height + shift).to(torch.int64).clamp(min=0), height - 1)
     token = first + iy * width + ix  # (B, Q, heads, P): position in N
     batch = torch.arange(bsz, device=loc.device).reshape(bsz, 1, 1, 1) * num_v
     head = torch.arange(heads, device=loc.device).reshape(1, 1, heads, 1)
@@ -97,6 +117,7 @@ class MSDeformableAttention(nn.Module):
         num_levels: number of feature levels.
         num_points: sampling points per level, one int for all levels or one per level.
         method: ``"grid_sample"`` or ``"discrete"`` (see :meth:`set_method`).
+        discrete_snap: the pixel rule of discrete sampling, ``"nearest"`` or ``"reference"``.
         offset_scale: factor on the box-relative offsets (0.5: an offset of 1 reaches the box edge
             for a single-point level).
     """
@@ -109,6 +130,7 @@ class MSDeformableAttention(nn.Module):
         num_points: int | Sequence[int] = 4,
         method: str = "grid_sample",
         offset_scale: float = 0.5,
+        discrete_snap: str = "nearest",
     ) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
@@ -132,7 +154,8 @@ class MSDeformableAttention(nn.Module):
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
         self.reset_parameters()
-        self.set_method(method)
+        self.discrete_snap = "nearest"
+        self.set_method(method, discrete_snap)
 
     def reset_parameters(self) -> None:
         """SPEC §5 init: one direction per head, the k-th point of a level at distance k+1."""
@@ -155,12 +178,19 @@ class MSDeformableAttention(nn.Module):
         bias = direction[:, None, :] * rank_in_level[None, :, None]  # (heads, P, 2)
         return bias.flatten().to(torch.float32)
 
-    def set_method(self, method: str) -> None:
-        """Switch the sampler; ``"discrete"`` freezes ``sampling_offsets`` (it gets no gradient)."""
+    def set_method(self, method: str, discrete_snap: str | None = None) -> None:
+        """Switch the sampler; ``"discrete"`` freezes ``sampling_offsets`` (it gets no gradient).
+        ``discrete_snap`` (``"nearest"`` or ``"reference"``) replaces the pixel rule when given."""
         if method not in SAMPLING_METHODS:
             raise ValueError(
                 f"unknown sampling method {method!r}; choose one of {SAMPLING_METHODS}"
             )
+        if discrete_snap is not None:
+            if discrete_snap not in DISCRETE_SNAPS:
+                raise ValueError(
+                    f"unknown discrete_snap {discrete_snap!r}; choose one of {list(DISCRETE_SNAPS)}"
+                )
+            self.discrete_snap = discrete_snap
         self.method = method
         self.sampling_offsets.requires_grad_(method != "discrete")
 
@@ -214,7 +244,9 @@ class MSDeformableAttention(nn.Module):
             raise ValueError(f"reference_points must end in 2 or 4 values, got {ref.shape[-1]}")
 
         if self.method == "discrete":
-            picked = gather_discrete(value, loc, spatial_shapes, self.num_points_list)
+            picked = gather_discrete(
+                value, loc, spatial_shapes, self.num_points_list, self.discrete_snap
+            )
             out = (picked * weights[..., None]).sum(3)  # (B, Q, heads, head_dim)
             return self.output_proj(out.reshape(bsz, num_q, heads * head_dim))
         sampled = self._sample_grid(value, loc, spatial_shapes)  # (B*heads, head_dim, Q, P)

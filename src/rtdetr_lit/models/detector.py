@@ -52,13 +52,20 @@ class RTDETR(nn.Module):
     def sampling_method(self) -> str:
         return self.decoder.sampling_method
 
-    def set_sampling_method(self, method: str) -> RTDETR:
+    @property
+    def discrete_snap(self) -> str:
+        return self.decoder.discrete_snap
+
+    def set_sampling_method(self, method: str, discrete_snap: str | None = None) -> RTDETR:
         """Switch every decoder cross-attention to ``"grid_sample"`` or ``"discrete"`` sampling.
 
         Discrete sampling has no gradient for the sampling offsets, so they stop training; the
-        state-dict keys do not change.
+        state-dict keys do not change. ``discrete_snap``, when given, sets which pixel a discrete
+        point reads: ``"nearest"`` (the pixel whose centre is nearest, as ``grid_sample`` sees
+        pixels) or ``"reference"`` (the reference code's ``int(x * W + 0.5)``, half a pixel
+        further; for weights fine-tuned that way).
         """
-        self.decoder.set_sampling_method(method)
+        self.decoder.set_sampling_method(method, discrete_snap)
         return self
 
     @property

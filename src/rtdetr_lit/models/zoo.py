@@ -37,6 +37,7 @@ class ModelSpec:
     num_queries: int = 300
     num_points: tuple[int, ...] = (4, 4, 4)
     sampling_method: str = "grid_sample"
+    discrete_snap: str = "nearest"
     num_denoising: int = 100
     label_noise_ratio: float = 0.5
     box_noise_scale: float = 1.0
@@ -142,8 +143,8 @@ def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDET
         box_noise_scale=spec.box_noise_scale,
         eval_spatial_size=eval_size,
         eval_idx=spec.eval_idx,
-        sampling_method=spec.sampling_method,
     )
     model = RTDETR(backbone, encoder, decoder)
+    model.set_sampling_method(spec.sampling_method, spec.discrete_snap)
     model.channels_last = spec.channels_last
     return model
