@@ -56,7 +56,7 @@ def entry_config(name: str, tmp_path: Path, overrides: list[str]) -> DictConfig:
 def perturb(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Randomise what a fresh model initialises to zero: the last layer of every box head and the
     sampling-offset weights. Fresh sampling points can sit exactly on the pixel boundaries of the
-    discrete rule, where its choice is a 1-ulp coin toss between runtimes; trained weights do not."""
+    discrete rule, where its choice is a 1-ulp coin toss between runtimes; trained ones do not."""
     g = torch.Generator().manual_seed(seed)
     decoder = net.decoder
     with torch.no_grad():
