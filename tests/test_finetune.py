@@ -16,7 +16,6 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -332,16 +331,22 @@ def test_every_size_takes_any_layout(size: str) -> None:
     assert OmegaConf.to_container(cfg.model.net, resolve=True)["num_points"] == [5, 1, 2]
 
 
+def _quiet(tmp_path: Path) -> list[str]:
+    return [f"paths.output_dir={tmp_path}", "extras.print_config=false"]
+
+
 # -- the two-stage experiments ---------------------------------------------------------------
 @pytest.mark.parametrize(
     ("size", "epochs", "stop"),
     [("r18", 36, 33), ("r34", 12, 10), ("r50m", 36, 33), ("r50", 12, 10)],
 )
-def test_discrete_experiment_fine_tunes_a_grid_checkpoint(size: str, epochs: int, stop: int):
+def test_discrete_experiment_fine_tunes_a_grid_checkpoint(
+    size: str, epochs: int, stop: int, tmp_path: Path
+) -> None:
     name = f"experiment=rtdetrv2_{size}_coco_discrete"
     # Fine-tuning needs the stage-1 weights: forgetting them is an error, not a random start.
-    with pytest.raises(MissingMandatoryValue, match=r"model\.init_from"):
-        instantiate(compose_config("train", [name]).model)
+    with pytest.raises(ConfigError, match=r"^model\.init_from: finetune=discrete"):
+        prepare_run(compose_config("train", [name, *_quiet(tmp_path)]))
     cfg = compose_config("train", [name, "model.init_from=stage1.ckpt"])
     assert cfg.model.init_from == "stage1.ckpt"
     assert cfg.model.net.name == size and cfg.model.net.sampling_method == "grid_sample"
@@ -352,6 +357,29 @@ def test_discrete_experiment_fine_tunes_a_grid_checkpoint(size: str, epochs: int
     callback = instantiate(cfg.callbacks.discrete_finetune)
     assert isinstance(callback, DiscreteFinetune)
     assert (callback.switch_epoch, callback.warmup_steps) == (0, 2000)
+
+
+@pytest.mark.parametrize(
+    "start",
+    [["model.init_from=w.pth"], ["ckpt_path=last"], ["callbacks.discrete_finetune.switch_epoch=1"]],
+)
+def test_discrete_stage_starts_from_weights_a_resume_or_a_later_switch(
+    start: list[str], tmp_path: Path
+) -> None:
+    prepare_run(compose_config("train", ["finetune=discrete", *start, *_quiet(tmp_path)]))
+
+
+def test_init_from_is_a_plain_model_key(tmp_path: Path) -> None:
+    """Any run (not only the discrete stage) starts from given weights with model.init_from=."""
+    cfg = compose_config("train", [])
+    assert cfg.model.init_from is None
+    torch.manual_seed(1)
+    weights = instantiate(cfg.model).net.state_dict()
+    torch.save(weights, tmp_path / "w.pth")
+    torch.manual_seed(2)
+    cfg = compose_config("train", [f"model.init_from={tmp_path / 'w.pth'}"])
+    loaded = instantiate(cfg.model).net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
 
 
 # -- speed tuning without retraining ---------------------------------------------------------

@@ -36,6 +36,7 @@ def prepare_run(cfg: DictConfig) -> None:
         ),
     )
     _check_sampling_layout(cfg)
+    _check_finetune_start(cfg)
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
@@ -61,6 +62,21 @@ def _check_sampling_layout(cfg: DictConfig) -> None:
         check_num_points(net.num_points)
     except ValueError as err:
         raise ConfigError(f"{key}: {err}") from err
+
+
+def _check_finetune_start(cfg: DictConfig) -> None:
+    """A discrete stage from the first step fine-tunes trained weights: refuse random ones."""
+    stage = OmegaConf.select(cfg, "callbacks.discrete_finetune")
+    if not cfg.get("train") or not isinstance(stage, DictConfig) or stage.get("switch_epoch") != 0:
+        return
+    if OmegaConf.select(cfg, "model.init_from") or cfg.get("ckpt_path"):
+        return
+    raise ConfigError(
+        "model.init_from: finetune=discrete samples discretely from the first step, so it "
+        "fine-tunes grid_sample-trained weights: give them with model.init_from=PATH (a stage-1 "
+        "checkpoint, a converted or a reference file), or set "
+        "callbacks.discrete_finetune.switch_epoch=E > 0 to train with grid_sample first"
+    )
 
 
 def _print_config(cfg: DictConfig) -> None:
