@@ -57,7 +57,6 @@ class TransformerDecoderLayer(nn.Module):
         spatial_shapes: Sequence[tuple[int, int]],
         query_pos: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Update the queries.
 
@@ -68,7 +67,6 @@ class TransformerDecoderLayer(nn.Module):
             spatial_shapes: (H_l, W_l) per level.
             query_pos: (B, Nq, C) positional embedding of the references.
             attn_mask: optional (Nq, Nq) bool, True = query may not attend to that key.
-            memory_mask: optional (B, N) bool, True = memory token may be attended.
 
         Returns:
             (B, Nq, C) updated queries.
@@ -76,9 +74,7 @@ class TransformerDecoderLayer(nn.Module):
         q = k = target + query_pos
         attended, _ = self.self_attn(q, k, target, attn_mask=attn_mask, need_weights=False)
         target = self.norm1(target + self.dropout1(attended))
-        attended = self.cross_attn(
-            target + query_pos, reference_points, memory, spatial_shapes, memory_mask
-        )
+        attended = self.cross_attn(target + query_pos, reference_points, memory, spatial_shapes)
         target = self.norm2(target + self.dropout2(attended))
         ffn = self.linear2(self.dropout3(self.activation(self.linear1(target))))
         return self.norm3(target + self.dropout4(ffn))
@@ -107,7 +103,6 @@ class TransformerDecoder(nn.Module):
         score_heads: nn.ModuleList,
         query_pos_head: nn.Module,
         attn_mask: torch.Tensor | None = None,
-        memory_mask: torch.Tensor | None = None,
         eval_layer: int = -1,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Run the layers and predict boxes and class logits.
@@ -118,7 +113,7 @@ class TransformerDecoder(nn.Module):
         Args:
             target: (B, Nq, C) initial query content.
             ref_logits: (B, Nq, 4) initial reference boxes as logits of normalised cxcywh (no grad).
-            memory, spatial_shapes, attn_mask, memory_mask: see :class:`TransformerDecoderLayer`.
+            memory, spatial_shapes, attn_mask: see :class:`TransformerDecoderLayer`.
             bbox_heads, score_heads: one box MLP (C -> 4) and one Linear (C -> classes) per layer.
             query_pos_head: MLP 4 -> C embedding the current reference box.
             eval_layer: index of the last layer to run at inference (negative counts from the end).
@@ -135,9 +130,7 @@ class TransformerDecoder(nn.Module):
         logits: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers[: last + 1]):
             pos = query_pos_head(ref)
-            target = layer(
-                target, ref.unsqueeze(2), memory, spatial_shapes, pos, attn_mask, memory_mask
-            )
+            target = layer(target, ref.unsqueeze(2), memory, spatial_shapes, pos, attn_mask)
             delta = bbox_heads[i](target)
             box = torch.sigmoid(delta + inverse_sigmoid(ref))
             if self.training:

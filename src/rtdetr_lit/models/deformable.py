@@ -200,7 +200,6 @@ class MSDeformableAttention(nn.Module):
         reference_points: torch.Tensor,
         value: torch.Tensor,
         spatial_shapes: Sequence[tuple[int, int]],
-        value_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from each query to points sampled around its reference.
 
@@ -212,8 +211,6 @@ class MSDeformableAttention(nn.Module):
             value: (B, N, C) flattened multi-scale memory, levels concatenated row-major,
                 N = sum(H_l * W_l).
             spatial_shapes: (H_l, W_l) per level, as python ints.
-            value_mask: optional (B, N) bool, True for tokens that may be attended (others are
-                zeroed).
 
         Returns:
             (B, Q, C) attended features.
@@ -225,8 +222,6 @@ class MSDeformableAttention(nn.Module):
         heads, head_dim, total = self.num_heads, self.embed_dim // self.num_heads, self.total_points
 
         value = self.value_proj(value)
-        if value_mask is not None:
-            value = value.masked_fill(~value_mask[..., None], 0.0)
         value = value.reshape(bsz, num_v, heads, head_dim)
 
         offsets = self.sampling_offsets(query).reshape(bsz, num_q, heads, total, 2)
