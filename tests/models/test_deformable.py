@@ -27,8 +27,8 @@ def _bilinear(fmap: torch.Tensor, x: float, y: float) -> torch.Tensor:
 
 def _naive(attn: MSDeformableAttention, query, ref, value, shapes, discrete=False):
     """Loop over batch, query, head and point; only the Linear layers are shared with the module.
-    Discrete points read the pixel containing them (``"nearest"``) or, under the reference rule,
-    the pixel whose top-left corner is nearest."""
+    Discrete points read the pixel whose top-left corner is nearest (the reference rule) or the
+    pixel containing them (``"centre"``)."""
     shift = 0.5 if attn.discrete_snap == "reference" else 0.0
     bsz, num_q, _ = query.shape
     heads, dim = attn.num_heads, attn.embed_dim // attn.num_heads
@@ -61,7 +61,7 @@ def _naive(attn: MSDeformableAttention, query, ref, value, shapes, discrete=Fals
     return attn.output_proj(out.reshape(bsz, num_q, heads * dim))
 
 
-def _random_module(points, method="grid_sample", snap="nearest"):
+def _random_module(points, method="grid_sample", snap="reference"):
     torch.manual_seed(0)
     attn = MSDeformableAttention(16, 2, 3, points, method=method, discrete_snap=snap).double()
     with torch.no_grad():  # non-trivial offsets and weights so that every path matters
@@ -82,7 +82,7 @@ def _inputs(bsz=2, num_q=3):
 
 @pytest.mark.parametrize(
     ("method", "snap"),
-    [("grid_sample", "nearest"), ("discrete", "nearest"), ("discrete", "reference")],
+    [("grid_sample", "reference"), ("discrete", "reference"), ("discrete", "centre")],
 )
 def test_matches_naive_loop_with_uneven_points(method, snap):
     attn = _random_module([4, 2, 1], method, snap)
@@ -94,7 +94,7 @@ def test_matches_naive_loop_with_uneven_points(method, snap):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-def _index_reader(h: int, w: int, snap: str = "nearest"):
+def _index_reader(h: int, w: int, snap: str = "reference"):
     """One level, head and point; identity projections and zero offset weights, and a value map
     whose channel 0 holds each pixel's flat index: the output says which pixel was read."""
     attn = MSDeformableAttention(4, 1, 1, [1], method="discrete", discrete_snap=snap).double()
@@ -112,7 +112,7 @@ def _index_reader(h: int, w: int, snap: str = "nearest"):
     ("snap", "want_x", "want_y"),
     [
         # the pixel containing (x*5, y*3), clamped to [0,4] and [0,2]
-        ("nearest", [0, 0, 0, 2, 4, 4, 0, 3], [0, 0, 0, 1, 2, 2, 0, 2]),
+        ("centre", [0, 0, 0, 2, 4, 4, 0, 3], [0, 0, 0, 1, 2, 2, 0, 2]),
         # int(x*5+0.5) and int(y*3+0.5), truncated toward zero, then clamped
         ("reference", [0, 0, 1, 3, 4, 4, 0, 3], [0, 0, 1, 2, 2, 2, 0, 2]),
     ],
@@ -140,9 +140,9 @@ def test_point_references_move_one_pixel_per_unit_offset():
     assert out[0, 0, 0].item() == 1 * w + 2
 
 
-@pytest.mark.parametrize("snap", ["nearest", "reference"])
-def test_nearest_snap_reads_what_grid_sample_reads_at_pixel_centres(snap):
-    """At a pixel centre bilinear sampling returns that pixel alone; the "nearest" rule must read
+@pytest.mark.parametrize("snap", ["centre", "reference"])
+def test_centre_snap_reads_what_grid_sample_reads_at_pixel_centres(snap):
+    """At a pixel centre bilinear sampling returns that pixel alone; the "centre" rule must read
     the same pixel (a grid-trained model keeps its inputs), the reference rule reads the next."""
     h, w = 3, 5
     attn, value = _index_reader(h, w, snap)
@@ -158,7 +158,7 @@ def test_nearest_snap_reads_what_grid_sample_reads_at_pixel_centres(snap):
     attn.set_method("grid_sample")
     grid = attn(query, ref, value, [(h, w)])
     assert torch.allclose(grid[0, :, 0], torch.arange(h * w, dtype=torch.float64))
-    assert torch.allclose(discrete, grid) == (snap == "nearest")
+    assert torch.allclose(discrete, grid) == (snap == "centre")
 
 
 def test_unknown_discrete_snap_is_rejected():
@@ -254,7 +254,7 @@ def test_matches_hf_deformable_attention(method):
         decoder_method="default" if method == "grid_sample" else "discrete",
     )
     theirs = hf.RTDetrV2MultiscaleDeformableAttention(cfg).double()
-    ours = _random_module(3, method, snap="reference")  # HF's discrete rule
+    ours = _random_module(3, method)  # HF's discrete rule is the reference's, our default
     state = {
         k.replace("num_points_scale", "n_points_scale"): v for k, v in ours.state_dict().items()
     }

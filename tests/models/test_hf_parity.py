@@ -110,8 +110,7 @@ def _pair(
     # query. (NHWC changes the last bits of the features, which can swap queries whose encoder
     # scores tie exactly in these random weights; test_zoo checks NHWC against NCHW.)
     ours = create_model(name, NUM_CLASSES, eval_spatial_size=eval_size, channels_last=False)
-    # HF snaps discrete points as the reference code does (int(x * W + 0.5)); ours must be told
-    ours.set_sampling_method(method, discrete_snap="reference")
+    ours.set_sampling_method(method)  # HF's discrete pixel rule is the reference's, our default
     result = convert_hf_state_dict(hf_state, name, target=ours.state_dict())
     ours.load_state_dict(result.state_dict, strict=True)
     assert sorted(result.filled) == ["decoder.anchors", "decoder.valid_mask"]

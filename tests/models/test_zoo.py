@@ -121,13 +121,13 @@ def test_discrete_snap_reaches_every_cross_attention_and_survives_switches() -> 
     def snaps(model):
         return {layer.cross_attn.discrete_snap for layer in model.decoder.decoder.layers}
 
-    model = create_model("r18", num_classes=5, num_queries=50, discrete_snap="reference")
-    assert snaps(model) == {"reference"} and model.discrete_snap == "reference"
+    model = create_model("r18", num_classes=5, num_queries=50, discrete_snap="centre")
+    assert snaps(model) == {"centre"} and model.discrete_snap == "centre"
     model.set_sampling_method("discrete")  # switching the method keeps the rule
+    assert snaps(model) == {"centre"}
+    model.set_sampling_method("discrete", discrete_snap="reference")
     assert snaps(model) == {"reference"}
-    model.set_sampling_method("discrete", discrete_snap="nearest")
-    assert snaps(model) == {"nearest"}
-    assert create_model("r18", num_classes=5, num_queries=50).discrete_snap == "nearest"
+    assert create_model("r18", num_classes=5, num_queries=50).discrete_snap == "reference"
     with pytest.raises(ValueError, match="discrete_snap"):
         create_model("r18", num_classes=5, discrete_snap="up")
 

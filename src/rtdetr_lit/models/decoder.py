@@ -201,7 +201,7 @@ class RTDETRTransformer(nn.Module):
 
     def set_sampling_method(self, method: str, discrete_snap: str | None = None) -> None:
         """Switch every cross-attention to ``"grid_sample"`` or ``"discrete"`` (freezes offsets);
-        ``discrete_snap`` (``"nearest"``/``"reference"``), when given, sets the pixel rule."""
+        ``discrete_snap`` (``"reference"``/``"centre"``), when given, sets the pixel rule."""
         for layer in self.decoder.layers:
             layer.cross_attn.set_method(method, discrete_snap)
         self.sampling_method = method

@@ -5,12 +5,12 @@ and mixes the sampled values with weights that are softmax-normalised jointly ov
 all levels. Two samplers are available: bilinear ``grid_sample`` (training) and ``discrete``
 nearest-pixel gathering (fine-tuning and deployment: it exports to ONNX without GridSample).
 
-Which pixel is "nearest" is the ``discrete_snap`` rule. ``"nearest"`` (default) takes the pixel
-whose centre is closest to the location, under the same pixel geometry as ``grid_sample`` with
-``align_corners=False`` (pixel ``i`` covers ``[i, i + 1) / W``): a grid-trained model keeps reading
-the pixels it weighted most. ``"reference"`` is the reference code's (and HF's)
-``int(x * W + 0.5)``, which reads the pixel half a pixel to the right and below; it is needed for
-weights fine-tuned under that rule (released discrete checkpoints) and for parity tests.
+Which pixel is "nearest" is the ``discrete_snap`` rule. ``"reference"`` (default) is the reference
+code's (and HF's) ``int(x * W + 0.5)``: under the pixel geometry of ``grid_sample`` with
+``align_corners=False`` (pixel ``i`` covers ``[i, i + 1) / W``) it reads the pixel half a pixel to
+the right of and below the location; released discrete weights were fine-tuned with it.
+``"centre"`` reads the pixel whose centre is nearest, i.e. the one bilinear sampling weighs most,
+so a grid-trained model switched without fine-tuning keeps more of its accuracy.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = [
 
 SAMPLING_METHODS = ("grid_sample", "discrete")
 # added to ``x * W`` before truncation: the pixel-centre rule, and the reference code's rule
-DISCRETE_SNAPS = {"nearest": 0.0, "reference": 0.5}
+DISCRETE_SNAPS = {"reference": 0.5, "centre": 0.0}
 
 
 def sample_grid(value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
@@ -54,23 +54,23 @@ def gather_discrete(
     loc: torch.Tensor,
     spatial_shapes: Sequence[tuple[int, int]],
     points_per_level: Sequence[int],
-    snap: str = "nearest",
+    snap: str = "reference",
 ) -> torch.Tensor:
     """Nearest-pixel sampling of every level by one row gather: no interpolation, hence no
     gradient w.r.t. ``loc``.
 
     A point of level ``l`` reads the pixel ``(int(x * W_l + s), int(y * H_l + s))`` (truncation
-    toward zero), clamped into the map, with ``s = DISCRETE_SNAPS[snap]``: 0 picks the pixel whose
-    centre is nearest (``"nearest"``), 0.5 the reference code's pixel (``"reference"``). Each read
-    copies one head's ``d`` contiguous channels, and the graph needs only Cast/Min/Max/Gather-style
-    ops (ONNX without GridSample).
+    toward zero), clamped into the map, with ``s = DISCRETE_SNAPS[snap]``: 0.5 for the reference
+    code's pixel (``"reference"``), 0 for the pixel whose centre is nearest (``"centre"``).
+    Each read copies one head's ``d`` contiguous channels, and the graph needs only
+    Cast/Min/Max/Gather-style ops (ONNX without GridSample).
 
     Args:
         value: (B, N, heads, d) values, levels flattened row-major and concatenated.
         loc: (B, Q, heads, P, 2) normalised (x, y) locations, points ordered level by level.
         spatial_shapes: (H_l, W_l) per level.
         points_per_level: the point count of each level (sums to P).
-        snap: ``"nearest"`` or ``"reference"`` (see the module docstring).
+        snap: ``"reference"`` or ``"centre"`` (see the module docstring).
 
     Returns:
         (B, Q, heads, P, d) gathered values.
@@ -117,7 +117,7 @@ class MSDeformableAttention(nn.Module):
         num_levels: number of feature levels.
         num_points: sampling points per level, one int for all levels or one per level.
         method: ``"grid_sample"`` or ``"discrete"`` (see :meth:`set_method`).
-        discrete_snap: the pixel rule of discrete sampling, ``"nearest"`` or ``"reference"``.
+        discrete_snap: the pixel rule of discrete sampling, ``"reference"`` or ``"centre"``.
         offset_scale: factor on the box-relative offsets (0.5: an offset of 1 reaches the box edge
             for a single-point level).
     """
@@ -130,7 +130,7 @@ class MSDeformableAttention(nn.Module):
         num_points: int | Sequence[int] = 4,
         method: str = "grid_sample",
         offset_scale: float = 0.5,
-        discrete_snap: str = "nearest",
+        discrete_snap: str = "reference",
     ) -> None:
         super().__init__()
         if embed_dim % num_heads != 0:
@@ -154,7 +154,7 @@ class MSDeformableAttention(nn.Module):
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
         self.reset_parameters()
-        self.discrete_snap = "nearest"
+        self.discrete_snap = "reference"
         self.set_method(method, discrete_snap)
 
     def reset_parameters(self) -> None:
@@ -180,7 +180,7 @@ class MSDeformableAttention(nn.Module):
 
     def set_method(self, method: str, discrete_snap: str | None = None) -> None:
         """Switch the sampler; ``"discrete"`` freezes ``sampling_offsets`` (it gets no gradient).
-        ``discrete_snap`` (``"nearest"`` or ``"reference"``) replaces the pixel rule when given."""
+        ``discrete_snap`` (``"reference"`` or ``"centre"``) replaces the pixel rule when given."""
         if method not in SAMPLING_METHODS:
             raise ValueError(
                 f"unknown sampling method {method!r}; choose one of {SAMPLING_METHODS}"

@@ -61,9 +61,9 @@ class RTDETR(nn.Module):
 
         Discrete sampling has no gradient for the sampling offsets, so they stop training; the
         state-dict keys do not change. ``discrete_snap``, when given, sets which pixel a discrete
-        point reads: ``"nearest"`` (the pixel whose centre is nearest, as ``grid_sample`` sees
-        pixels) or ``"reference"`` (the reference code's ``int(x * W + 0.5)``, half a pixel
-        further; for weights fine-tuned that way).
+        point reads: ``"reference"`` (the reference code's ``int(x * W + 0.5)``, half a pixel right
+        of and below the point) or ``"centre"`` (the pixel whose centre is nearest, the one
+        ``grid_sample`` weighs most).
         """
         self.decoder.set_sampling_method(method, discrete_snap)
         return self

@@ -37,7 +37,7 @@ class ModelSpec:
     num_queries: int = 300
     num_points: tuple[int, ...] = (4, 4, 4)
     sampling_method: str = "grid_sample"
-    discrete_snap: str = "nearest"
+    discrete_snap: str = "reference"
     num_denoising: int = 100
     label_noise_ratio: float = 0.5
     box_noise_scale: float = 1.0
