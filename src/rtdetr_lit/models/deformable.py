@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 SAMPLING_METHODS = ("grid_sample", "discrete")
-# added to ``x * W`` before truncation: the pixel-centre rule, and the reference code's rule
+# added to ``x * W`` before truncation: the reference code's rule, and the pixel-centre rule
 DISCRETE_SNAPS = {"reference": 0.5, "centre": 0.0}
 
 
@@ -154,7 +154,6 @@ class MSDeformableAttention(nn.Module):
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
         self.reset_parameters()
-        self.discrete_snap = "reference"
         self.set_method(method, discrete_snap)
 
     def reset_parameters(self) -> None:
