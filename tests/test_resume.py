@@ -189,6 +189,15 @@ def test_run_killed_mid_epoch_resumes_with_ckpt_path_auto_like_an_unbroken_run(
     )
 
 
+def _began_step(run_dir: Path, step: int) -> bool:
+    """Whether the batch probe of ``run_dir`` has recorded a batch at ``step`` or later."""
+    path = run_dir / "probes" / "batches_rank0.jsonl"
+    if not path.exists():
+        return False
+    complete = path.read_text().split("\n")[:-1]  # the last piece may be a line being written
+    return any(json.loads(line)["step"] >= step for line in complete)
+
+
 def _job_processes(marker: Path) -> list[int]:
     """PIDs of the submitit task below ``marker`` and its DataLoader workers (same command)."""
     pids = []
@@ -214,10 +223,15 @@ def test_preempted_submitit_job_is_requeued_and_resumes_where_it_stopped(tmp_pat
            "ckpt_path=auto", *tiny_run(tmp_path, every3)]  # fmt: skip
     with open(tmp_path / "sweep.log", "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # Signal once the step-3 last.ckpt exists and step 3 has begun, so that the requeued job
+        # repeats at least one step (a signal sent right after the save would leave no repeat).
         deadline = time.monotonic() + 900
-        while not (lasts := list(tmp_path.glob("logs/train/multiruns/*/0/checkpoints/last.ckpt"))):
+        while True:
+            lasts = list(tmp_path.glob("logs/train/multiruns/*/0/checkpoints/last.ckpt"))
+            if lasts and _began_step(lasts[0].parents[1], 3):
+                break
             assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "no last.ckpt after 15 minutes"
+            assert time.monotonic() < deadline, "step 3 not reached after 15 minutes"
             time.sleep(0.05)
         pids = _job_processes(tmp_path)
         assert len(pids) == 2  # the task and its DataLoader worker, as SLURM would signal them
