@@ -214,6 +214,40 @@ def test_discrete_mode_freezes_offsets_and_back():
         attn.set_method("bilinear")
 
 
+def test_discrete_mixing_before_projection_equals_projection_first_with_gradients(monkeypatch):
+    """The eager discrete path (embedding_bag over raw memory, then per-head projection) computes
+    the same outputs and gradients as projecting all memory first (the exported path)."""
+    attn = _random_module([4, 2, 1], "discrete")
+    with torch.no_grad():
+        attn.value_proj.bias.normal_()  # a bias that only cancels if the weights sum to 1
+
+    def run():
+        torch.manual_seed(1)
+        query, ref, value = _inputs()
+        query.requires_grad_(True)
+        value.requires_grad_(True)
+        attn.zero_grad()
+        out = attn(query, ref, value, SHAPES)
+        out.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
+        return out.detach(), query.grad, value.grad, grads
+
+    mixed = run()
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    projected = run()
+    torch.testing.assert_close(mixed[:3], projected[:3])
+    assert mixed[3].keys() == projected[3].keys() >= {"value_proj.weight", "value_proj.bias"}
+    torch.testing.assert_close(mixed[3], projected[3])
+
+
+def test_discrete_mixing_runs_under_bf16_autocast():
+    attn = _random_module([4, 2, 1], "discrete").float()
+    query, ref, value = (t.float() for t in _inputs())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(query, ref, value, SHAPES)
+    torch.testing.assert_close(out.float(), attn(query, ref, value, SHAPES), atol=0.1, rtol=0.05)
+
+
 def test_discrete_exports_to_onnx_without_grid_sample(tmp_path):
     onnx = pytest.importorskip("onnx")
     attn = _random_module([4, 2, 1], "discrete").float().eval()
@@ -230,7 +264,7 @@ def test_discrete_exports_to_onnx_without_grid_sample(tmp_path):
     path = tmp_path / "attn.onnx"
     torch.onnx.export(Wrap(), (query, ref, value), str(path), dynamo=False, opset_version=17)
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert "GridSample" not in ops
+    assert "GridSample" not in ops and "Loop" not in ops  # projection first, then one Gather
     ort = pytest.importorskip("onnxruntime")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = dict(zip([i.name for i in sess.get_inputs()], (query, ref, value), strict=True))

@@ -11,6 +11,12 @@ code's (and HF's) ``int(x * W + 0.5)``: under the pixel geometry of ``grid_sampl
 the right of and below the location; released discrete weights were fine-tuned with it.
 ``"centre"`` reads the pixel whose centre is nearest, i.e. the one bilinear sampling weighs most,
 so a grid-trained model switched without fine-tuning keeps more of its accuracy.
+
+Discrete sampling also changes the order of work. A head's attention weights sum to 1 and every
+point reads a pixel inside its map, so ``sum_p w_p (W m_p + b) = W (sum_p w_p m_p) + b``: the
+eager module mixes the raw memory rows of each head's points (one ``embedding_bag``) and projects
+the 300-odd mixtures per head, instead of running ``value_proj`` over all N memory tokens. The
+ONNX export keeps the projection first (the exporter turns ``embedding_bag`` into a Loop).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ __all__ = [
     "DISCRETE_SNAPS",
     "SAMPLING_METHODS",
     "MSDeformableAttention",
+    "discrete_tokens",
     "gather_discrete",
+    "mix_then_project",
     "sample_grid",
 ]
 
@@ -49,47 +57,85 @@ def sample_grid(value: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def gather_discrete(
-    value: torch.Tensor,
+def discrete_tokens(
     loc: torch.Tensor,
     spatial_shapes: Sequence[tuple[int, int]],
     points_per_level: Sequence[int],
     snap: str = "reference",
 ) -> torch.Tensor:
-    """Nearest-pixel sampling of every level by one row gather: no interpolation, hence no
-    gradient w.r.t. ``loc``.
+    """The memory token each point reads under nearest-pixel sampling.
 
     A point of level ``l`` reads the pixel ``(int(x * W_l + s), int(y * H_l + s))`` (truncation
     toward zero), clamped into the map, with ``s = DISCRETE_SNAPS[snap]``: 0.5 for the reference
-    code's pixel (``"reference"``), 0 for the pixel whose centre is nearest (``"centre"``).
-    Each read copies one head's ``d`` contiguous channels, and the graph needs only
-    Cast/Min/Max/Gather-style ops (ONNX without GridSample).
+    code's pixel (``"reference"``), 0 for the pixel whose centre is nearest (``"centre"``). The
+    graph needs only Cast/Min/Max-style ops (ONNX without GridSample).
 
     Args:
-        value: (B, N, heads, d) values, levels flattened row-major and concatenated.
         loc: (B, Q, heads, P, 2) normalised (x, y) locations, points ordered level by level.
-        spatial_shapes: (H_l, W_l) per level.
+        spatial_shapes: (H_l, W_l) per level; levels are flattened row-major and concatenated.
         points_per_level: the point count of each level (sums to P).
         snap: ``"reference"`` or ``"centre"`` (see the module docstring).
 
     Returns:
-        (B, Q, heads, P, d) gathered values.
+        (B, Q, heads, P) int64 positions in the flattened memory of one image.
     """
     shift = DISCRETE_SNAPS[snap]
-    bsz, num_v, heads, head_dim = value.shape
-    _, num_q, _, total, _ = loc.shape
     per_point = _point_levels(spatial_shapes, points_per_level)
     width, height, first = torch.tensor(per_point, device=loc.device).unbind(-1)  # (P,) each
     # float32 so that fp16 rounding under autocast cannot move a location to the neighbouring pixel
     loc = loc.float()
     ix = torch.minimum((loc[..., 0] * width + shift).to(torch.int64).clamp(min=0), width - 1)
     iy = torch.minimum((loc[..., 1] * height + shift).to(torch.int64).clamp(min=0), height - 1)
-    token = first + iy * width + ix  # (B, Q, heads, P): position in N
-    batch = torch.arange(bsz, device=loc.device).reshape(bsz, 1, 1, 1) * num_v
-    head = torch.arange(heads, device=loc.device).reshape(1, 1, heads, 1)
+    return first + iy * width + ix
+
+
+def gather_discrete(value: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """One row gather of every point's value: no interpolation, hence no gradient w.r.t. the
+    locations. Each read copies one head's ``d`` contiguous channels.
+
+    Args:
+        value: (B, N, heads, d) values, levels flattened row-major and concatenated.
+        token: (B, Q, heads, P) positions from :func:`discrete_tokens`.
+
+    Returns:
+        (B, Q, heads, P, d) gathered values.
+    """
+    bsz, num_v, heads, head_dim = value.shape
+    batch = torch.arange(bsz, device=token.device).reshape(bsz, 1, 1, 1) * num_v
+    head = torch.arange(heads, device=token.device).reshape(1, 1, heads, 1)
     rows = ((batch + token) * heads + head).flatten()
     picked = value.reshape(bsz * num_v * heads, head_dim).index_select(0, rows)
-    return picked.reshape(bsz, num_q, heads, total, head_dim)
+    return picked.reshape(*token.shape, head_dim)
+
+
+def mix_then_project(
+    memory: torch.Tensor, token: torch.Tensor, weights: torch.Tensor, proj: nn.Linear
+) -> torch.Tensor:
+    """Discrete attention output before ``output_proj``, computed as ``W_h (sum_p w_p m_p) + b_h``
+    per head: equal to projecting all of ``memory`` and then mixing the gathered values, because
+    each head's weights sum to 1 (see the module docstring), at a fraction of the cost.
+
+    Args:
+        memory: (B, N, C) raw memory, before the value projection.
+        token: (B, Q, heads, P) positions from :func:`discrete_tokens`.
+        weights: (B, Q, heads, P) attention weights, each head's summing to 1.
+        proj: the value projection (C -> C, heads * d output channels head by head).
+
+    Returns:
+        (B, Q, heads, d) per-head outputs.
+    """
+    bsz, num_v, dim = memory.shape
+    _, num_q, heads, total = token.shape
+    batch = torch.arange(bsz, device=token.device).reshape(bsz, 1, 1, 1) * num_v
+    mixed = F.embedding_bag(
+        (batch + token).reshape(-1, total),
+        memory.reshape(bsz * num_v, dim),
+        per_sample_weights=weights.reshape(-1, total).to(memory.dtype),
+        mode="sum",
+    ).reshape(bsz, num_q, heads, dim)
+    weight = proj.weight.reshape(heads, dim // heads, dim)
+    bias = proj.bias.reshape(heads, dim // heads)
+    return torch.einsum("bqhc,hdc->bqhd", mixed, weight.to(mixed.dtype)) + bias.to(mixed.dtype)
 
 
 def _point_levels(
@@ -220,9 +266,6 @@ class MSDeformableAttention(nn.Module):
         num_v = value.shape[1]
         heads, head_dim, total = self.num_heads, self.embed_dim // self.num_heads, self.total_points
 
-        value = self.value_proj(value)
-        value = value.reshape(bsz, num_v, heads, head_dim)
-
         offsets = self.sampling_offsets(query).reshape(bsz, num_q, heads, total, 2)
         weights = self.attention_weights(query).reshape(bsz, num_q, heads, total).softmax(-1)
 
@@ -238,11 +281,14 @@ class MSDeformableAttention(nn.Module):
             raise ValueError(f"reference_points must end in 2 or 4 values, got {ref.shape[-1]}")
 
         if self.method == "discrete":
-            picked = gather_discrete(
-                value, loc, spatial_shapes, self.num_points_list, self.discrete_snap
-            )
-            out = (picked * weights[..., None]).sum(3)  # (B, Q, heads, head_dim)
+            token = discrete_tokens(loc, spatial_shapes, self.num_points_list, self.discrete_snap)
+            if torch.onnx.is_in_onnx_export():
+                value = self.value_proj(value).reshape(bsz, num_v, heads, head_dim)
+                out = (gather_discrete(value, token) * weights[..., None]).sum(3)
+            else:
+                out = mix_then_project(value, token, weights, self.value_proj)
             return self.output_proj(out.reshape(bsz, num_q, heads * head_dim))
+        value = self.value_proj(value).reshape(bsz, num_v, heads, head_dim)
         sampled = self._sample_grid(value, loc, spatial_shapes)  # (B*heads, head_dim, Q, P)
         weights = weights.permute(0, 2, 1, 3).reshape(bsz * heads, 1, num_q, total)
         out = (sampled * weights).sum(-1)  # (B*heads, head_dim, Q)
