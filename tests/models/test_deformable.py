@@ -214,30 +214,36 @@ def test_discrete_mode_freezes_offsets_and_back():
         attn.set_method("bilinear")
 
 
-def test_discrete_mixing_before_projection_equals_projection_first_with_gradients(monkeypatch):
-    """The eager discrete path (embedding_bag over raw memory, then per-head projection) computes
-    the same outputs and gradients as projecting all memory first (the exported path)."""
+@pytest.mark.parametrize("export_branch", [False, True])
+def test_discrete_mixing_before_projection_gives_the_naive_outputs_and_gradients(
+    export_branch, monkeypatch
+):
+    """Discrete attention mixes raw memory rows and projects afterwards (embedding_bag eagerly,
+    Gather + MatMul in an ONNX export); the naive loop projects all memory first. Same function,
+    so the same outputs and gradients, including a value bias that only cancels out if each
+    head's weights sum to 1."""
     attn = _random_module([4, 2, 1], "discrete")
     with torch.no_grad():
-        attn.value_proj.bias.normal_()  # a bias that only cancels if the weights sum to 1
+        attn.value_proj.bias.normal_()
+    if export_branch:
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
 
-    def run():
+    def grads(forward):
         torch.manual_seed(1)
         query, ref, value = _inputs()
         query.requires_grad_(True)
         value.requires_grad_(True)
         attn.zero_grad()
-        out = attn(query, ref, value, SHAPES)
+        out = forward(query, ref, value)
         out.pow(2).sum().backward()
-        grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
-        return out.detach(), query.grad, value.grad, grads
+        params = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
+        return out.detach(), query.grad, value.grad, params
 
-    mixed = run()
-    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
-    projected = run()
-    torch.testing.assert_close(mixed[:3], projected[:3])
-    assert mixed[3].keys() == projected[3].keys() >= {"value_proj.weight", "value_proj.bias"}
-    torch.testing.assert_close(mixed[3], projected[3])
+    got = grads(lambda q, r, v: attn(q, r, v, SHAPES))
+    want = grads(lambda q, r, v: _naive(attn, q, r, v, SHAPES, discrete=True))
+    torch.testing.assert_close(got[:3], want[:3])
+    assert got[3].keys() == want[3].keys() >= {"value_proj.bias", "attention_weights.weight"}
+    torch.testing.assert_close(got[3], want[3])
 
 
 def test_discrete_mixing_runs_under_bf16_autocast():
@@ -264,7 +270,7 @@ def test_discrete_exports_to_onnx_without_grid_sample(tmp_path):
     path = tmp_path / "attn.onnx"
     torch.onnx.export(Wrap(), (query, ref, value), str(path), dynamo=False, opset_version=17)
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-    assert "GridSample" not in ops and "Loop" not in ops  # projection first, then one Gather
+    assert "GridSample" not in ops and "Loop" not in ops  # the Gather + MatMul mixing
     ort = pytest.importorskip("onnxruntime")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = dict(zip([i.name for i in sess.get_inputs()], (query, ref, value), strict=True))

@@ -14,9 +14,10 @@ so a grid-trained model switched without fine-tuning keeps more of its accuracy.
 
 Discrete sampling also changes the order of work. A head's attention weights sum to 1 and every
 point reads a pixel inside its map, so ``sum_p w_p (W m_p + b) = W (sum_p w_p m_p) + b``: the
-eager module mixes the raw memory rows of each head's points (one ``embedding_bag``) and projects
-the 300-odd mixtures per head, instead of running ``value_proj`` over all N memory tokens. The
-ONNX export keeps the projection first (the exporter turns ``embedding_bag`` into a Loop).
+module mixes the raw memory rows of each head's points and projects the 300-odd mixtures per
+head, instead of running ``value_proj`` over all N memory tokens. Eager mixing is one
+``embedding_bag``; in an ONNX export (where ``embedding_bag`` would become a Loop) it is a Gather
+and a MatMul.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ __all__ = [
     "SAMPLING_METHODS",
     "MSDeformableAttention",
     "discrete_tokens",
-    "gather_discrete",
     "mix_then_project",
     "sample_grid",
 ]
@@ -89,31 +89,13 @@ def discrete_tokens(
     return first + iy * width + ix
 
 
-def gather_discrete(value: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """One row gather of every point's value: no interpolation, hence no gradient w.r.t. the
-    locations. Each read copies one head's ``d`` contiguous channels.
-
-    Args:
-        value: (B, N, heads, d) values, levels flattened row-major and concatenated.
-        token: (B, Q, heads, P) positions from :func:`discrete_tokens`.
-
-    Returns:
-        (B, Q, heads, P, d) gathered values.
-    """
-    bsz, num_v, heads, head_dim = value.shape
-    batch = torch.arange(bsz, device=token.device).reshape(bsz, 1, 1, 1) * num_v
-    head = torch.arange(heads, device=token.device).reshape(1, 1, heads, 1)
-    rows = ((batch + token) * heads + head).flatten()
-    picked = value.reshape(bsz * num_v * heads, head_dim).index_select(0, rows)
-    return picked.reshape(*token.shape, head_dim)
-
-
 def mix_then_project(
     memory: torch.Tensor, token: torch.Tensor, weights: torch.Tensor, proj: nn.Linear
 ) -> torch.Tensor:
     """Discrete attention output before ``output_proj``, computed as ``W_h (sum_p w_p m_p) + b_h``
-    per head: equal to projecting all of ``memory`` and then mixing the gathered values, because
-    each head's weights sum to 1 (see the module docstring), at a fraction of the cost.
+    per head: equal to projecting all of ``memory`` and then mixing the points' values, because
+    each head's weights sum to 1 (see the module docstring), at a fraction of the cost. No
+    gradient reaches the locations (nearest-pixel reads).
 
     Args:
         memory: (B, N, C) raw memory, before the value projection.
@@ -126,13 +108,18 @@ def mix_then_project(
     """
     bsz, num_v, dim = memory.shape
     _, num_q, heads, total = token.shape
-    batch = torch.arange(bsz, device=token.device).reshape(bsz, 1, 1, 1) * num_v
-    mixed = F.embedding_bag(
-        (batch + token).reshape(-1, total),
-        memory.reshape(bsz * num_v, dim),
-        per_sample_weights=weights.reshape(-1, total).to(memory.dtype),
-        mode="sum",
-    ).reshape(bsz, num_q, heads, dim)
+    rows = token + torch.arange(bsz, device=token.device).reshape(bsz, 1, 1, 1) * num_v
+    table, weights = memory.reshape(bsz * num_v, dim), weights.to(memory.dtype)
+    if torch.onnx.is_in_onnx_export():
+        picked = table.index_select(0, rows.flatten()).reshape(bsz, num_q, heads, total, dim)
+        mixed = (weights.unsqueeze(-2) @ picked).squeeze(-2)
+    else:  # the same sums without materialising the (B, Q, heads, P, C) rows
+        mixed = F.embedding_bag(
+            rows.reshape(-1, total),
+            table,
+            mode="sum",
+            per_sample_weights=weights.reshape(-1, total),
+        ).reshape(bsz, num_q, heads, dim)
     weight = proj.weight.reshape(heads, dim // heads, dim)
     bias = proj.bias.reshape(heads, dim // heads)
     return torch.einsum("bqhc,hdc->bqhd", mixed, weight.to(mixed.dtype)) + bias.to(mixed.dtype)
@@ -282,11 +269,7 @@ class MSDeformableAttention(nn.Module):
 
         if self.method == "discrete":
             token = discrete_tokens(loc, spatial_shapes, self.num_points_list, self.discrete_snap)
-            if torch.onnx.is_in_onnx_export():
-                value = self.value_proj(value).reshape(bsz, num_v, heads, head_dim)
-                out = (gather_discrete(value, token) * weights[..., None]).sum(3)
-            else:
-                out = mix_then_project(value, token, weights, self.value_proj)
+            out = mix_then_project(value, token, weights, self.value_proj)
             return self.output_proj(out.reshape(bsz, num_q, heads * head_dim))
         value = self.value_proj(value).reshape(bsz, num_v, heads, head_dim)
         sampled = self._sample_grid(value, loc, spatial_shapes)  # (B*heads, head_dim, Q, P)
