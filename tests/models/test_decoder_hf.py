@@ -19,6 +19,13 @@ transformers = pytest.importorskip("transformers")
 
 HIDDEN, QUERIES, CLASSES, LAYERS, POINTS, NUM_DN = 32, 20, 5, 3, 2, 10
 
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The parity bound of the detector issue: 1e-4 absolute (float32 noise; the two models sum
+    the sampled values in different orders)."""
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 _RENAMES = [  # HF name pattern -> ours, applied in order
     (r"^model\.decoder_input_proj\.(\d+)\.0\.", r"input_proj.\1.conv."),
     (r"^model\.decoder_input_proj\.(\d+)\.1\.", r"input_proj.\1.norm."),
@@ -111,8 +118,8 @@ def test_eval_matches_hf(size):
     with torch.no_grad():
         want = _run_hf(hf, maps)
         got = ours(maps)
-    torch.testing.assert_close(got["pred_logits"], want.intermediate_logits[:, -1])
-    torch.testing.assert_close(got["pred_boxes"], want.intermediate_reference_points[:, -1])
+    _close(got["pred_logits"], want.intermediate_logits[:, -1])
+    _close(got["pred_boxes"], want.intermediate_reference_points[:, -1])
 
 
 def test_training_with_denoising_matches_hf_under_same_seed():
@@ -139,14 +146,10 @@ def test_training_with_denoising_matches_hf_under_same_seed():
         {"pred_logits": got["pred_logits"], "pred_boxes": got["pred_boxes"]},
     ]
     for i, (layer, dn) in enumerate(zip(layers, got["dn_outputs"], strict=True)):
-        torch.testing.assert_close(layer["pred_logits"], want.intermediate_logits[:, i, num_dn:])
-        torch.testing.assert_close(
-            layer["pred_boxes"], want.intermediate_reference_points[:, i, num_dn:]
-        )
-        torch.testing.assert_close(dn["pred_logits"], want.intermediate_logits[:, i, :num_dn])
-        torch.testing.assert_close(
-            dn["pred_boxes"], want.intermediate_reference_points[:, i, :num_dn]
-        )
+        _close(layer["pred_logits"], want.intermediate_logits[:, i, num_dn:])
+        _close(layer["pred_boxes"], want.intermediate_reference_points[:, i, num_dn:])
+        _close(dn["pred_logits"], want.intermediate_logits[:, i, :num_dn])
+        _close(dn["pred_boxes"], want.intermediate_reference_points[:, i, :num_dn])
     (enc,) = got["enc_outputs"]
-    torch.testing.assert_close(enc["pred_logits"], want.enc_topk_logits)
-    torch.testing.assert_close(enc["pred_boxes"], want.enc_topk_bboxes)
+    _close(enc["pred_logits"], want.enc_topk_logits)
+    _close(enc["pred_boxes"], want.enc_topk_bboxes)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from rtdetr_lit.models.deformable import MSDeformableAttention
+from rtdetr_lit.models.deformable import MSDeformableAttention, bilinear_corners
 
 SHAPES = [(5, 7), (3, 4), (2, 1)]  # (H, W): non-square on purpose
 
@@ -244,6 +244,41 @@ def test_discrete_mixing_before_projection_gives_the_naive_outputs_and_gradients
     torch.testing.assert_close(got[:3], want[:3])
     assert got[3].keys() == want[3].keys() >= {"value_proj.bias", "attention_weights.weight"}
     torch.testing.assert_close(got[3], want[3])
+
+
+def test_bilinear_mixing_matches_grid_sample_outputs_and_gradients(monkeypatch):
+    """Eager bilinear sampling (four corner rows per point, mixed before the projection) against
+    projecting first and F.grid_sample (the exported path): same outputs and the same gradients,
+    the sampling offsets' included, with boxes at the border so that corners fall outside."""
+    attn = _random_module([4, 2, 1], "grid_sample")
+    with torch.no_grad():
+        attn.value_proj.bias.normal_()  # scaled by the in-map corner weight: must not cancel out
+    query, _, value = _inputs()
+    ref = torch.tensor([[0.02, 0.5, 0.3, 0.3], [0.97, 0.03, 0.2, 0.4], [0.5, 0.5, 0.9, 0.9]])
+    ref = ref.to(torch.float64).expand(2, 3, 4)[:, :, None]
+    token, corner_weights = bilinear_corners(
+        torch.tensor([[[[[-0.01, 0.5], [0.99, 0.99]]]]], dtype=torch.float64), [(5, 7)], [2]
+    )
+    # corners (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1); outside ones weigh 0 and
+    # read a clamped pixel. x = -0.01: pixel -0.57, i.e. 0.57 on column -1, 0.43 on column 0.
+    want = torch.tensor([[0.0, 0.43, 0.0, 0.0], [0.57 * 0.55, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(corner_weights.reshape(2, 4), want)
+    assert token.reshape(2, 4).tolist() == [[14, 14, 21, 21], [34, 34, 34, 34]]
+
+    def run():
+        attn.zero_grad()
+        q, v = query.clone().requires_grad_(True), value.clone().requires_grad_(True)
+        out = attn(q, ref, v, SHAPES)
+        out.pow(2).sum().backward()
+        params = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
+        return out.detach(), q.grad, v.grad, params
+
+    mixed = run()
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    projected = run()
+    torch.testing.assert_close(mixed[:3], projected[:3])
+    assert mixed[3].keys() == projected[3].keys() >= {"sampling_offsets.weight", "value_proj.bias"}
+    torch.testing.assert_close(mixed[3], projected[3])
 
 
 def test_discrete_mixing_runs_under_bf16_autocast():

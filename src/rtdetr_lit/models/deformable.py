@@ -12,12 +12,14 @@ the right of and below the location; released discrete weights were fine-tuned w
 ``"centre"`` reads the pixel whose centre is nearest, i.e. the one bilinear sampling weighs most,
 so a grid-trained model switched without fine-tuning keeps more of its accuracy.
 
-Discrete sampling also changes the order of work. A head's attention weights sum to 1 and every
-point reads a pixel inside its map, so ``sum_p w_p (W m_p + b) = W (sum_p w_p m_p) + b``: the
-module mixes the raw memory rows of each head's points and projects the 300-odd mixtures per
-head, instead of running ``value_proj`` over all N memory tokens. Eager mixing is one
-``embedding_bag``; in an ONNX export (where ``embedding_bag`` would become a Loop) it is a Gather
-and a MatMul.
+Both samplers mix before they project. A point's value is a weighted sum of memory rows (one
+pixel, or the four around it), and ``value_proj`` is affine, so for each head
+``sum_k a_k (W m_k + b) = W (sum_k a_k m_k) + b sum_k a_k``: the module mixes the raw memory rows
+of each head's points and projects the 300-odd mixtures per head, instead of running
+``value_proj`` over all N memory tokens (``sum_k a_k`` is 1 for discrete sampling; for bilinear
+sampling it is less where a point's corners fall outside the map). Eager mixing is one
+``embedding_bag``. In an ONNX export, where ``embedding_bag`` would become a Loop, discrete mixing
+is a Gather and a MatMul, and bilinear sampling keeps ``value_proj`` first and GridSample.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "DISCRETE_SNAPS",
     "SAMPLING_METHODS",
     "MSDeformableAttention",
+    "bilinear_corners",
     "discrete_tokens",
     "mix_then_project",
     "sample_grid",
@@ -82,47 +85,83 @@ def discrete_tokens(
     shift = DISCRETE_SNAPS[snap]
     per_point = _point_levels(spatial_shapes, points_per_level)
     width, height, first = torch.tensor(per_point, device=loc.device).unbind(-1)  # (P,) each
-    # float32 so that fp16 rounding under autocast cannot move a location to the neighbouring pixel
-    loc = loc.float()
+    # at least float32, so that fp16 rounding under autocast cannot move a location to another pixel
+    loc = loc.to(torch.promote_types(loc.dtype, torch.float32))
     ix = torch.minimum((loc[..., 0] * width + shift).to(torch.int64).clamp(min=0), width - 1)
     iy = torch.minimum((loc[..., 1] * height + shift).to(torch.int64).clamp(min=0), height - 1)
     return first + iy * width + ix
 
 
+def bilinear_corners(
+    loc: torch.Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    points_per_level: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The four memory tokens around each location and their bilinear weights, as
+    ``grid_sample(..., align_corners=False, padding_mode="zeros")`` weighs them: a corner outside
+    the map weighs 0 (its token is clamped into the map so that it can still be read). The
+    weights are differentiable in ``loc``.
+
+    Args:
+        loc: (B, Q, heads, P, 2) normalised (x, y) locations, points ordered level by level.
+        spatial_shapes: (H_l, W_l) per level; levels are flattened row-major and concatenated.
+        points_per_level: the point count of each level (sums to P).
+
+    Returns:
+        (B, Q, heads, P, 4) int64 positions in the flattened memory of one image, and their
+        (B, Q, heads, P, 4) weights (float32, or float64 for float64 locations).
+    """
+    per_point = torch.tensor(_point_levels(spatial_shapes, points_per_level), device=loc.device)
+    width, height, first = per_point[:, None, :].unbind(-1)  # (P, 1) each
+    loc = loc.to(torch.promote_types(loc.dtype, torch.float32))  # as in discrete_tokens
+    px = loc[..., 0, None] * width - 0.5  # pixel centres at integers
+    py = loc[..., 1, None] * height - 0.5
+    x0, y0 = px.floor(), py.floor()
+    fx, fy = px - x0, py - y0  # (..., P, 1)
+    corner = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], device=loc.device)
+    xs = x0.to(torch.int64) + corner[:, 0]  # (..., P, 4)
+    ys = y0.to(torch.int64) + corner[:, 1]
+    wx = torch.where(corner[:, 0] == 1, fx, 1.0 - fx)
+    wy = torch.where(corner[:, 1] == 1, fy, 1.0 - fy)
+    inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+    token = first + ys.clamp(min=0).minimum(height - 1) * width + xs.clamp(min=0).minimum(width - 1)
+    return token, wx * wy * inside
+
+
 def mix_then_project(
     memory: torch.Tensor, token: torch.Tensor, weights: torch.Tensor, proj: nn.Linear
 ) -> torch.Tensor:
-    """Discrete attention output before ``output_proj``, computed as ``W_h (sum_p w_p m_p) + b_h``
-    per head: equal to projecting all of ``memory`` and then mixing the points' values, because
-    each head's weights sum to 1 (see the module docstring), at a fraction of the cost. No
-    gradient reaches the locations (nearest-pixel reads).
+    """Attention output before ``output_proj``: per head, ``W_h (sum_k a_k m_k) + b_h sum_k a_k``
+    over the memory rows ``m_k`` its points read with weights ``a_k``. Equal to projecting all of
+    ``memory`` first and then mixing (see the module docstring), at a fraction of the cost.
 
     Args:
         memory: (B, N, C) raw memory, before the value projection.
-        token: (B, Q, heads, P) positions from :func:`discrete_tokens`.
-        weights: (B, Q, heads, P) attention weights, each head's summing to 1.
+        token: (B, Q, heads, K) positions in one image's memory (:func:`discrete_tokens`, or
+            :func:`bilinear_corners` with the corner axis flattened into K).
+        weights: (B, Q, heads, K) weight of each row: attention weight times sampling weight.
         proj: the value projection (C -> C, heads * d output channels head by head).
 
     Returns:
         (B, Q, heads, d) per-head outputs.
     """
     bsz, num_v, dim = memory.shape
-    _, num_q, heads, total = token.shape
+    _, num_q, heads, reads = token.shape
     rows = token + torch.arange(bsz, device=token.device).reshape(bsz, 1, 1, 1) * num_v
     table, weights = memory.reshape(bsz * num_v, dim), weights.to(memory.dtype)
     if torch.onnx.is_in_onnx_export():
-        picked = table.index_select(0, rows.flatten()).reshape(bsz, num_q, heads, total, dim)
+        picked = table.index_select(0, rows.flatten()).reshape(bsz, num_q, heads, reads, dim)
         mixed = (weights.unsqueeze(-2) @ picked).squeeze(-2)
-    else:  # the same sums without materialising the (B, Q, heads, P, C) rows
+    else:  # the same sums without materialising the (B, Q, heads, K, C) rows
         mixed = F.embedding_bag(
-            rows.reshape(-1, total),
+            rows.reshape(-1, reads),
             table,
             mode="sum",
-            per_sample_weights=weights.reshape(-1, total),
+            per_sample_weights=weights.reshape(-1, reads),
         ).reshape(bsz, num_q, heads, dim)
-    weight = proj.weight.reshape(heads, dim // heads, dim)
-    bias = proj.bias.reshape(heads, dim // heads)
-    return torch.einsum("bqhc,hdc->bqhd", mixed, weight.to(mixed.dtype)) + bias.to(mixed.dtype)
+    weight = proj.weight.reshape(heads, dim // heads, dim).to(mixed.dtype)
+    bias = proj.bias.reshape(heads, dim // heads).to(mixed.dtype)
+    return torch.einsum("bqhc,hdc->bqhd", mixed, weight) + bias * weights.sum(-1, keepdim=True)
 
 
 def _point_levels(
@@ -270,6 +309,11 @@ class MSDeformableAttention(nn.Module):
         if self.method == "discrete":
             token = discrete_tokens(loc, spatial_shapes, self.num_points_list, self.discrete_snap)
             out = mix_then_project(value, token, weights, self.value_proj)
+            return self.output_proj(out.reshape(bsz, num_q, heads * head_dim))
+        if not torch.onnx.is_in_onnx_export():
+            token, corner_weights = bilinear_corners(loc, spatial_shapes, self.num_points_list)
+            mix = (weights[..., None] * corner_weights).flatten(-2)  # (B, Q, heads, P * 4)
+            out = mix_then_project(value, token.flatten(-2), mix, self.value_proj)
             return self.output_proj(out.reshape(bsz, num_q, heads * head_dim))
         value = self.value_proj(value).reshape(bsz, num_v, heads, head_dim)
         sampled = self._sample_grid(value, loc, spatial_shapes)  # (B*heads, head_dim, Q, P)
