@@ -265,6 +265,8 @@ def test_bilinear_mixing_matches_grid_sample_outputs_and_gradients(monkeypatch):
     torch.testing.assert_close(corner_weights.reshape(2, 4), want)
     assert token.reshape(2, 4).tolist() == [[14, 14, 21, 21], [34, 34, 34, 34]]
 
+    assert attn._mix_bilinear_first(3, sum(h * w for h, w in SHAPES))  # eager run: mixing
+
     def run():
         attn.zero_grad()
         q, v = query.clone().requires_grad_(True), value.clone().requires_grad_(True)
@@ -279,6 +281,13 @@ def test_bilinear_mixing_matches_grid_sample_outputs_and_gradients(monkeypatch):
     torch.testing.assert_close(mixed[:3], projected[:3])
     assert mixed[3].keys() == projected[3].keys() >= {"sampling_offsets.weight", "value_proj.bias"}
     torch.testing.assert_close(mixed[3], projected[3])
+
+
+def test_bilinear_mixes_first_on_large_maps_only():
+    # r18 at 640 px: 8400 memory tokens of 256 channels, 300 queries -> mix first
+    assert MSDeformableAttention(256, 8, 3, 4)._mix_bilinear_first(300, 8400)
+    # the CPU demo at 192 px: 756 tokens of 128 channels, 200 queries with denoising -> project
+    assert not MSDeformableAttention(128, 8, 3, 4)._mix_bilinear_first(200, 756)
 
 
 def test_discrete_mixing_runs_under_bf16_autocast():
