@@ -60,7 +60,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.short is None else self.short(x)
-        return F.relu(self.branch2b(self.branch2a(x)) + identity)
+        return F.relu(self.branch2b(self.branch2a(x)) + identity, inplace=True)
 
 
 class BottleNeck(nn.Module):
@@ -78,7 +78,7 @@ class BottleNeck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.short is None else self.short(x)
-        return F.relu(self.branch2c(self.branch2b(self.branch2a(x))) + identity)
+        return F.relu(self.branch2c(self.branch2b(self.branch2a(x))) + identity, inplace=True)
 
 
 class _Stage(nn.Module):

@@ -70,6 +70,8 @@ class ConvNormLayer(nn.Module):
         self.conv = nn.Conv2d(ch_in, ch_out, kernel_size, stride, padding=pad, bias=bias)
         self.norm = nn.BatchNorm2d(ch_out)
         self.act = get_activation(act)
+        if isinstance(self.act, nn.ReLU):  # nothing needs the normalised values before the ReLU
+            self.act.inplace = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
