@@ -310,19 +310,19 @@ class MSDeformableAttention(nn.Module):
 
         if self.method == "discrete":
             token = discrete_tokens(loc, spatial_shapes, self.num_points_list, self.discrete_snap)
-            out = mix_then_project(value, token, weights, self.value_proj)
-            return self.output_proj(out.reshape(bsz, num_q, heads * head_dim))
-        if self._mix_bilinear_first(num_q, num_v):
+            mix = weights
+        elif self._mix_bilinear_first(num_q, num_v):
             token, corner_weights = bilinear_corners(loc, spatial_shapes, self.num_points_list)
+            token = token.flatten(-2)
             mix = (weights[..., None] * corner_weights).flatten(-2)  # (B, Q, heads, P * 4)
-            out = mix_then_project(value, token.flatten(-2), mix, self.value_proj)
-            return self.output_proj(out.reshape(bsz, num_q, heads * head_dim))
-        value = self.value_proj(value).reshape(bsz, num_v, heads, head_dim)
-        sampled = self._sample_grid(value, loc, spatial_shapes)  # (B*heads, head_dim, Q, P)
-        weights = weights.permute(0, 2, 1, 3).reshape(bsz * heads, 1, num_q, total)
-        out = (sampled * weights).sum(-1)  # (B*heads, head_dim, Q)
-        out = out.reshape(bsz, heads * head_dim, num_q).transpose(1, 2)
-        return self.output_proj(out)
+        else:  # project all memory first, then bilinear grid_sample
+            value = self.value_proj(value).reshape(bsz, num_v, heads, head_dim)
+            sampled = self._sample_grid(value, loc, spatial_shapes)  # (B*heads, head_dim, Q, P)
+            weights = weights.permute(0, 2, 1, 3).reshape(bsz * heads, 1, num_q, total)
+            out = (sampled * weights).sum(-1)  # (B*heads, head_dim, Q)
+            return self.output_proj(out.reshape(bsz, heads * head_dim, num_q).transpose(1, 2))
+        out = mix_then_project(value, token, mix, self.value_proj)  # (B, Q, heads, head_dim)
+        return self.output_proj(out.reshape(bsz, num_q, heads * head_dim))
 
     def _mix_bilinear_first(self, num_q: int, num_v: int) -> bool:
         """Whether bilinear sampling mixes memory rows before the projection (eager only).
