@@ -85,10 +85,7 @@ def discrete_tokens(
         (B, Q, heads, P) int64 positions in the flattened memory of one image.
     """
     shift = DISCRETE_SNAPS[snap]
-    per_point = _point_levels(spatial_shapes, points_per_level)
-    width, height, first = torch.tensor(per_point, device=loc.device).unbind(-1)  # (P,) each
-    # at least float32, so that fp16 rounding under autocast cannot move a location to another pixel
-    loc = loc.to(torch.promote_types(loc.dtype, torch.float32))
+    width, height, first, loc = _point_table(loc, spatial_shapes, points_per_level)
     ix = torch.minimum((loc[..., 0] * width + shift).to(torch.int64).clamp(min=0), width - 1)
     iy = torch.minimum((loc[..., 1] * height + shift).to(torch.int64).clamp(min=0), height - 1)
     return first + iy * width + ix
@@ -113,9 +110,8 @@ def bilinear_corners(
         (B, Q, heads, P, 4) int64 positions in the flattened memory of one image, and their
         (B, Q, heads, P, 4) weights (float32, or float64 for float64 locations).
     """
-    per_point = torch.tensor(_point_levels(spatial_shapes, points_per_level), device=loc.device)
-    width, height, first = per_point[:, None, :].unbind(-1)  # (P, 1) each
-    loc = loc.to(torch.promote_types(loc.dtype, torch.float32))  # as in discrete_tokens
+    width, height, first, loc = _point_table(loc, spatial_shapes, points_per_level)
+    width, height, first = width[:, None], height[:, None], first[:, None]  # (P, 1): x the corners
     px = loc[..., 0, None] * width - 0.5  # pixel centres at integers
     py = loc[..., 1, None] * height - 0.5
     x0, y0 = px.floor(), py.floor()
@@ -175,6 +171,18 @@ def _point_levels(
         rows += [(w, h, first)] * n
         first = first + h * w  # not +=: while tracing for export the sizes are tensors
     return rows
+
+
+def _point_table(
+    loc: torch.Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    points_per_level: Sequence[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each point's ``W_l``, ``H_l`` and first token of its level as three (P,) int64 tensors,
+    and ``loc`` in at least float32, so that fp16 rounding under autocast cannot move a location
+    to another pixel."""
+    table = torch.tensor(_point_levels(spatial_shapes, points_per_level), device=loc.device)
+    return (*table.unbind(-1), loc.to(torch.promote_types(loc.dtype, torch.float32)))
 
 
 class MSDeformableAttention(nn.Module):
