@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from rtdetr_lit.models.deformable import MSDeformableAttention, bilinear_corners
+from rtdetr_lit.models.deformable import MSDeformableAttention, _MixRows, bilinear_corners
 
 SHAPES = [(5, 7), (3, 4), (2, 1)]  # (H, W): non-square on purpose
 
@@ -281,6 +281,21 @@ def test_bilinear_mixing_matches_grid_sample_outputs_and_gradients(monkeypatch):
     torch.testing.assert_close(mixed[:3], projected[:3])
     assert mixed[3].keys() == projected[3].keys() >= {"sampling_offsets.weight", "value_proj.bias"}
     torch.testing.assert_close(mixed[3], projected[3])
+
+
+def test_row_mixing_gradients_match_finite_differences_and_embedding_bag():
+    """The mixing's own backward (reads regrouped by the row they read) on rows read by several
+    bags, twice in one bag, by the last bag only, and never."""
+    table = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([[0, 2, 2], [5, 0, 1], [2, 2, 2], [1, 5, 6]])  # 3 and 4 are never read
+    weights = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_MixRows.apply, (table, rows, weights))
+
+    upstream = torch.randn(4, 3, dtype=torch.float64)
+    ours = torch.autograd.grad(_MixRows.apply(table, rows, weights), (table, weights), upstream)
+    bag = torch.nn.functional.embedding_bag(rows, table, mode="sum", per_sample_weights=weights)
+    torch.testing.assert_close(ours, torch.autograd.grad(bag, (table, weights), upstream))
+    assert ours[0][3:5].eq(0).all() and ours[0][6].ne(0).all()
 
 
 def test_bilinear_mixes_first_on_large_maps_only():
