@@ -374,9 +374,9 @@ class MSDeformableAttention(nn.Module):
 
         Mixing reads 4 rows per point and query; projecting first multiplies all ``num_v`` memory
         rows by the C x C projection, then grid_sample reads one head's channels. Measured on a
-        2-core CPU, forward and backward: mixing is 3x faster at 640 px (8400 tokens, C 256,
-        300-500 queries) and 2x slower at 192 px (756 tokens, C 128, 200 queries); the crossover
-        is where the rows read, times 4, reach N x C."""
+        2-core CPU, one layer forward and backward (with :class:`_MixRows`): mixing is 1.7-2.4x
+        faster at 640 px (8400 tokens, C 256, 300-500 queries) and 1.5x slower at 192 px (756
+        tokens, C 128, 200 queries); the crossover is where the rows read, times 4, reach N x C."""
         reads = num_q * self.num_heads * 4 * self.total_points
         return not torch.onnx.is_in_onnx_export() and 4 * reads <= num_v * self.embed_dim
 
