@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rtdetr_lit.models.backbone import PResNet
+from rtdetr_lit.models.common import ConvNormLayer
 from rtdetr_lit.models.encoder import HybridEncoder, sincos_pos_embed_2d
 
 from ..conftest import reference_shapes
@@ -86,6 +87,53 @@ def test_output_shapes_from_images_96x160() -> None:
     assert encoder.out_strides == [8, 16, 32]
     outs[0].sum().backward()
     assert encoder.encoder[0].layers[0].self_attn.in_proj_weight.grad is not None
+
+
+def test_batch_norms_get_dense_gradients_with_unchanged_values(monkeypatch) -> None:
+    """The input projections feed a ``torch.cat``, whose backward hands each input a strided
+    channel slice; ``ConvNormLayer`` densifies it before BatchNorm's backward (slow on strided
+    gradients) without changing a value."""
+    torch.manual_seed(0)
+    encoder = HybridEncoder([16, 32, 64], hidden_dim=32, num_heads=2, dim_feedforward=64)
+    # float64: the dense and the strided BatchNorm kernels sum in different orders
+    encoder = encoder.double().to(memory_format=torch.channels_last).train()
+    feats = [
+        torch.randn(2, c, s, s, dtype=torch.float64)
+        .contiguous(memory_format=torch.channels_last)
+        .requires_grad_()
+        for c, s in ((16, 16), (32, 8), (64, 4))
+    ]
+
+    def run() -> tuple[dict[int, bool], list[torch.Tensor]]:
+        dense = {}
+
+        def record(level: int):
+            def hook(module, grad_input, grad_output) -> None:
+                dense[level] = grad_output[0].is_contiguous(memory_format=torch.channels_last)
+
+            return hook
+
+        handles = [
+            proj.norm.register_full_backward_hook(record(level))
+            for level, proj in enumerate(encoder.input_proj)
+        ]
+        encoder.zero_grad()
+        outs = encoder(feats)
+        torch.autograd.backward(outs, [torch.cos(torch.arange(o.numel())).view_as(o) for o in outs])
+        for h in handles:
+            h.remove()
+        grads = [f.grad.clone() for f in feats] + [p.grad.clone() for p in encoder.parameters()]
+        for f in feats:
+            f.grad = None
+        return dense, grads
+
+    dense, grads = run()
+    assert dense == {0: True, 1: True, 2: True}
+    monkeypatch.setattr(ConvNormLayer, "forward", lambda self, x: self.act(self.norm(self.conv(x))))
+    plain_dense, plain_grads = run()
+    assert not plain_dense[0]  # what the densifying undoes: the cat's strided slice
+    for a, b in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def _to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -49,10 +49,29 @@ def bias_init_with_prob(prior_prob: float = 0.01) -> float:
     return -math.log((1.0 - prior_prob) / prior_prob)
 
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands on the gradient dense, in the memory layout of the tensor
+    it came from (channels-last or contiguous). A gradient that arrives as a strided view (a
+    channel slice of a ``torch.cat``, or one level's rows of the decoder's flattened memory) would
+    otherwise reach BatchNorm's backward, which is several times slower on strided gradients
+    than a copy plus its dense kernel (BENCHMARKS.md, Training step)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.layout = torch.channels_last if channels_last else torch.contiguous_format
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=ctx.layout)
+
+
 class ConvNormLayer(nn.Module):
     """Conv2d (no bias by default) -> BatchNorm2d -> activation.
 
-    ``padding=None`` means "same" padding for odd kernels: ``(kernel_size - 1) // 2``.
+    ``padding=None`` means "same" padding for odd kernels: ``(kernel_size - 1) // 2``. In training,
+    the gradient reaching the activation and the norm is made dense first (:class:`_DenseGrad`).
     """
 
     def __init__(
@@ -74,7 +93,8 @@ class ConvNormLayer(nn.Module):
             self.act.inplace = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        y = self.act(self.norm(self.conv(x)))
+        return _DenseGrad.apply(y) if y.requires_grad else y
 
 
 class MLP(nn.Module):
