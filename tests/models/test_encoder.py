@@ -9,9 +9,11 @@ import re
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from rtdetr_lit.models import common
+from rtdetr_lit.models import encoder as encoder_module
 from rtdetr_lit.models.backbone import PResNet
-from rtdetr_lit.models.common import ConvNormLayer
 from rtdetr_lit.models.encoder import HybridEncoder, sincos_pos_embed_2d
 
 from ..conftest import reference_shapes
@@ -89,13 +91,33 @@ def test_output_shapes_from_images_96x160() -> None:
     assert encoder.encoder[0].layers[0].self_attn.in_proj_weight.grad is not None
 
 
-def test_batch_norms_get_dense_gradients_with_unchanged_values(monkeypatch) -> None:
-    """The input projections feed a ``torch.cat``, whose backward hands each input a strided
-    channel slice; ``ConvNormLayer`` densifies it before BatchNorm's backward (slow on strided
-    gradients) without changing a value."""
+class _GradLayouts(TorchDispatchMode):
+    """Records, per backward op of interest, whether each incoming gradient was dense."""
+
+    OPS = ("native_batch_norm_backward", "upsample_nearest2d_backward")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense: dict[str, list[bool]] = {op: [] for op in self.OPS}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.dense:
+            grad = args[0]
+            self.dense[name].append(
+                grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)
+            )
+        return func(*args, **kwargs or {})
+
+
+def test_backward_kernels_get_dense_gradients_with_unchanged_values(monkeypatch) -> None:
+    """The FPN's ``torch.cat`` hands each input a strided channel slice as its gradient;
+    ``dense_grad`` (in ``ConvNormLayer`` and on the upsampled map) copies it dense before
+    BatchNorm's and nearest upsampling's backward, both slow on strided gradients, without
+    changing a value."""
     torch.manual_seed(0)
     encoder = HybridEncoder([16, 32, 64], hidden_dim=32, num_heads=2, dim_feedforward=64)
-    # float64: the dense and the strided BatchNorm kernels sum in different orders
+    # float64: the dense and the strided kernels sum in different orders
     encoder = encoder.double().to(memory_format=torch.channels_last).train()
     feats = [
         torch.randn(2, c, s, s, dtype=torch.float64)
@@ -104,34 +126,32 @@ def test_batch_norms_get_dense_gradients_with_unchanged_values(monkeypatch) -> N
         for c, s in ((16, 16), (32, 8), (64, 4))
     ]
 
-    def run() -> tuple[dict[int, bool], list[torch.Tensor]]:
-        dense = {}
-
-        def record(level: int):
-            def hook(module, grad_input, grad_output) -> None:
-                dense[level] = grad_output[0].is_contiguous(memory_format=torch.channels_last)
-
-            return hook
-
-        handles = [
-            proj.norm.register_full_backward_hook(record(level))
-            for level, proj in enumerate(encoder.input_proj)
-        ]
+    def run() -> tuple[dict[str, list[bool]], list[torch.Tensor]]:
         encoder.zero_grad()
         outs = encoder(feats)
-        torch.autograd.backward(outs, [torch.cos(torch.arange(o.numel())).view_as(o) for o in outs])
-        for h in handles:
-            h.remove()
+        with _GradLayouts() as layouts:
+            torch.autograd.backward(
+                outs, [torch.cos(torch.arange(o.numel())).view_as(o) for o in outs]
+            )
         grads = [f.grad.clone() for f in feats] + [p.grad.clone() for p in encoder.parameters()]
         for f in feats:
             f.grad = None
-        return dense, grads
+        return layouts.dense, grads
 
     dense, grads = run()
-    assert dense == {0: True, 1: True, 2: True}
-    monkeypatch.setattr(ConvNormLayer, "forward", lambda self, x: self.act(self.norm(self.conv(x))))
+    assert len(dense["native_batch_norm_backward"]) == len(
+        [m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    )
+    assert len(dense["upsample_nearest2d_backward"]) == 2
+    assert all(dense["native_batch_norm_backward"] + dense["upsample_nearest2d_backward"])
+
+    identity = lambda x: x  # noqa: E731
+    monkeypatch.setattr(common, "dense_grad", identity)
+    monkeypatch.setattr(encoder_module, "dense_grad", identity)
     plain_dense, plain_grads = run()
-    assert not plain_dense[0]  # what the densifying undoes: the cat's strided slice
+    # what the densifying undoes: strided slices reach both kernels
+    assert not all(plain_dense["native_batch_norm_backward"])
+    assert not all(plain_dense["upsample_nearest2d_backward"])
     for a, b in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b)
 

@@ -16,6 +16,7 @@ __all__ = [
     "MLP",
     "ConvNormLayer",
     "bias_init_with_prob",
+    "dense_grad",
     "freeze_batch_norm",
     "fuse_conv_norm",
     "get_activation",
@@ -67,11 +68,18 @@ class _DenseGrad(torch.autograd.Function):
         return grad.contiguous(memory_format=ctx.layout)
 
 
+def dense_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``, with its gradient made dense on the way back (:class:`_DenseGrad`). Use it on a
+    tensor whose consumer hands back a strided gradient (a ``torch.cat`` input) when the
+    producer's backward is slow on one (BatchNorm, nearest upsampling)."""
+    return _DenseGrad.apply(x) if x.requires_grad else x
+
+
 class ConvNormLayer(nn.Module):
     """Conv2d (no bias by default) -> BatchNorm2d -> activation.
 
     ``padding=None`` means "same" padding for odd kernels: ``(kernel_size - 1) // 2``. In training,
-    the gradient reaching the activation and the norm is made dense first (:class:`_DenseGrad`).
+    the gradient reaching the activation and the norm is made dense first (:func:`dense_grad`).
     """
 
     def __init__(
@@ -93,8 +101,7 @@ class ConvNormLayer(nn.Module):
             self.act.inplace = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.norm(self.conv(x)))
-        return _DenseGrad.apply(y) if y.requires_grad else y
+        return dense_grad(self.act(self.norm(self.conv(x))))
 
 
 class MLP(nn.Module):

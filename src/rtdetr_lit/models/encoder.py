@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtdetr_lit.models.common import ConvNormLayer, fuse_conv_norm, get_activation
+from rtdetr_lit.models.common import ConvNormLayer, dense_grad, fuse_conv_norm, get_activation
 
 __all__ = [
     "AIFILayer",
@@ -284,7 +284,7 @@ class HybridEncoder(nn.Module):
         for k, level in enumerate(range(levels - 2, -1, -1)):
             coarse = self.lateral_convs[k](inner[0])
             inner[0] = coarse  # the lateral output is what the bottom-up path sees
-            up = F.interpolate(coarse, scale_factor=2.0, mode="nearest")
+            up = dense_grad(F.interpolate(coarse, scale_factor=2.0, mode="nearest"))
             inner.insert(0, self.fpn_blocks[k](torch.cat([up, proj[level]], dim=1)))
 
         # Bottom-up.
