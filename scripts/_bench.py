@@ -39,6 +39,7 @@ __all__ = [
     "load",
     "machine",
     "medians",
+    "optimizer_step",
     "print_header",
     "print_table",
     "profile_table",
@@ -225,6 +226,25 @@ def _phase(phases: dict[str, float] | None, name: str):
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
 
 
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clip: float | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    phases: dict[str, float] | None = None,
+) -> None:
+    """After ``backward``: clip the global gradient norm at ``clip`` (what the Trainer's
+    ``gradient_clip_val`` calls), step the optimizer, update ``ema`` from ``model``."""
+    if clip is not None:
+        with _phase(phases, "clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    with _phase(phases, "optimizer"):
+        optimizer.step()
+    if ema is not None:
+        with _phase(phases, "ema"):
+            ema.update_parameters(model)
+
+
 def train_step(
     net: nn.Module,
     criterion: nn.Module,
@@ -233,10 +253,13 @@ def train_step(
     targets: list[dict[str, torch.Tensor]],
     phases: dict[str, float] | None = None,
     autocast: torch.dtype | None = None,
+    clip: float | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> None:
     """One plain training step of our detector; adds each phase's seconds to ``phases``.
     With ``autocast`` (e.g. ``torch.bfloat16``) the forward runs under CPU autocast, as with the
-    Trainer's ``precision=bf16-mixed``; the criterion computes in float32 either way."""
+    Trainer's ``precision=bf16-mixed``; the criterion computes in float32 either way. ``clip`` and
+    ``ema`` as in :func:`optimizer_step`."""
     with _phase(phases, "forward"), torch.autocast("cpu", autocast, enabled=autocast is not None):
         outputs = net(images, targets)
     with _phase(phases, "loss"):
@@ -244,5 +267,4 @@ def train_step(
     with _phase(phases, "backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-    with _phase(phases, "optimizer"):
-        optimizer.step()
+    optimizer_step(net, optimizer, clip, ema, phases)
