@@ -68,17 +68,13 @@ def bench_step(warmup: int, repeats: int, profile: bool) -> None:
     size = 640
     module = build_module("r18", NUM_CLASSES, size)
     module.scheduler_factory = None  # needs a Trainer to size itself
-    net, criterion = module.net.train(), module.criterion
+    module_nchw = copy.deepcopy(module)
+    module_nchw.net.channels_last = False
+    net, net_nchw, criterion = module.net.train(), module_nchw.net.train(), module.criterion
     hf = hf_twin(net, NUM_CLASSES).train()
-    net_nchw = copy.deepcopy(net)
-    net_nchw.channels_last = False
     # ours: the optimizer training builds (parameter groups, fused AdamW); HF: the Trainer's
     # default optimizer (fused AdamW) at the same learning rate and weight decay
-    optimizers = {}
-    for model in (net, net_nchw):
-        module.net = model
-        optimizers[model] = module.configure_optimizers()["optimizer"]
-    module.net = net
+    optimizers = {m.net: m.configure_optimizers()["optimizer"] for m in (module, module_nchw)}
     optimizers[hf] = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=1e-4, fused=True)
     emas = {model: _ema(model) for model in optimizers}
     images = torch.rand(BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
