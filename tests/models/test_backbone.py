@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import FrozenBatchNorm2d
 
 from rtdetr_lit.models.backbone import PResNet
@@ -79,6 +80,55 @@ def test_matches_hf_resnet_vd(depth: int, layer_type: str, depths: list, widths:
     for g, e, c, s in zip(got, expected, ours.out_channels, ours.out_strides, strict=True):
         assert g.shape == (2, c, 64 // s, 96 // s)
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+class _ReluBackwardShapes(TorchDispatchMode):
+    """Records the shape of every gradient ReLU's backward (``threshold_backward``) receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "threshold_backward":
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **kwargs or {})
+
+
+def test_training_gradients_match_hf_with_relu_after_the_pool() -> None:
+    """The stem computes ReLU(max-pool(.)) instead of the paper's max-pool(ReLU(.)): in training
+    (batch statistics) the feature maps and every gradient equal HF's, which keeps the usual
+    order, and no ReLU backward runs on the full-resolution stem map."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import RTDetrResNetConfig
+    from transformers.models.rt_detr.modeling_rt_detr_resnet import RTDetrResNetBackbone
+
+    torch.manual_seed(0)
+    ours = PResNet(18).double().train()
+    _randomise_norms(ours)
+    config = RTDetrResNetConfig(
+        layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
+        out_indices=[2, 3, 4],
+    )  # fmt: skip
+    hf = RTDetrResNetBackbone(config).double().train()
+    hf.load_state_dict({_hf_key(k): v for k, v in ours.state_dict().items()}, strict=True)
+
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    weights = [torch.randn(2, c, 64 // s, 96 // s, dtype=torch.float64)
+               for c, s in zip(ours.out_channels, ours.out_strides, strict=True)]  # fmt: skip
+    grads = []
+    for model, run in ((hf, lambda i: hf(i).feature_maps), (ours, ours)):
+        inp = x.clone().requires_grad_(True)
+        recorder = _ReluBackwardShapes()
+        with recorder:
+            sum((f * w).sum() for f, w in zip(run(inp), weights, strict=True)).backward()
+        grads.append((inp.grad, [p.grad for p in model.parameters()], recorder.shapes))
+    (hf_input, hf_params, hf_shapes), (input_grad, param_grads, shapes) = grads
+    torch.testing.assert_close(input_grad, hf_input, rtol=1e-9, atol=1e-12)
+    for ours_grad, hf_grad in zip(param_grads, hf_params, strict=True):
+        torch.testing.assert_close(ours_grad, hf_grad, rtol=1e-9, atol=1e-12)
+    assert (2, 64, 32, 48) in hf_shapes  # the usual order: ReLU backward on the stem map
+    assert (2, 64, 32, 48) not in shapes and (2, 64, 16, 24) in shapes
 
 
 @pytest.mark.parametrize(
