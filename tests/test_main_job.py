@@ -63,7 +63,10 @@ def test_main_job_trains_evaluates_and_writes_its_outputs(tmp_path: Path, caplog
     eval_cfg = _paths(compose_config("eval", [*TINY, f"ckpt_path={last}"]), tmp_path / "eval")
     with open_dict(eval_cfg):
         eval_cfg.paths.data_dir = str(tmp_path / "data")
-    result = evaluate(eval_cfg)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rtdetr_lit"):
+        result = evaluate(eval_cfg)
+    assert "val/mAP_50" in caplog.text and "checkpoints: " not in caplog.text  # eval saves none
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1
     logged = ckpt["callbacks"]

@@ -40,6 +40,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer,
         callbacks=build_callbacks(cfg.get("callbacks")),
         logger=build_loggers(cfg.get("logger")),
+        enable_checkpointing=False,  # nothing to save; no default ModelCheckpoint, no path logged
     )
     trainer.validate(module, datamodule=datamodule)
     return finish_run(cfg, trainer, dict(trainer.callback_metrics))
