@@ -167,7 +167,10 @@ def test_validate_config_names_the_bad_key() -> None:
     validate_config(cfg)
 
 
-def _run_cli(args: list[str], cwd: Path, pythonpath: str | None = None) -> str:
+def _run_cli(
+    args: list[str], cwd: Path, pythonpath: str | None = None, stderr: bool = False
+) -> str:
+    """Stdout of ``python -m rtdetr_lit.train ARGS`` (then stderr, with ``stderr=True``)."""
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
@@ -176,7 +179,7 @@ def _run_cli(args: list[str], cwd: Path, pythonpath: str | None = None) -> str:
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return proc.stdout + (proc.stderr if stderr else "")
 
 
 def test_cli_prints_composed_config_from_any_directory(tmp_path: Path) -> None:
@@ -185,6 +188,16 @@ def test_cli_prints_composed_config_from_any_directory(tmp_path: Path) -> None:
     assert cfg.model.net.name == "r50" and cfg.model.net.backbone_depth == 50
     assert cfg.model.net.expansion == 1.0 and cfg.model.backbone_lr == 1e-5
     assert "Configuration groups" in _run_cli(["--help"], cwd=tmp_path)
+
+
+def test_cli_prints_each_lightning_message_once(tmp_path: Path) -> None:
+    """Lightning's own console handler is dropped under Hydra's logging, so its messages appear
+    once (Hydra's format) and reach the run's log file."""
+    args = ["train=false", "test=false", "extras.print_config=false"]
+    out = _run_cli(args, tmp_path, stderr=True)
+    assert out.count("Seed set to 42") == 1 and out.count("GPU available:") == 1
+    (log_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/train.log")
+    assert "GPU available:" in log_file.read_text()
 
 
 def test_multirun_folder_resolves_before_any_job(tmp_path: Path, monkeypatch) -> None:

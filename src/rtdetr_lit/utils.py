@@ -44,8 +44,22 @@ def prepare_run(cfg: DictConfig) -> None:
         raise ConfigError("tags: extras.enforce_tags is on but no tags were given (tags=[a,b])")
     if extras.get("print_config"):
         rank_zero_only(_print_config)(cfg)
+    _log_lightning_once()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+
+
+def _log_lightning_once() -> None:
+    """Lightning gives its ``lightning`` logger a console handler of its own and lets records
+    propagate too, so under Hydra's logging every Lightning message was printed twice. When the
+    root logger has handlers (Hydra's console and run-file ones), drop Lightning's console handler:
+    its messages then appear once, formatted like ours, and land in the run's log file."""
+    if not logging.getLogger().handlers:
+        return
+    lightning = logging.getLogger("lightning")
+    for handler in list(lightning.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning.removeHandler(handler)
 
 
 def _check_sampling_layout(cfg: DictConfig) -> None:
