@@ -50,6 +50,21 @@ def _hf_key(key: str) -> str:
     return key.replace(".conv.", ".convolution.").replace(".norm.", ".normalization.")
 
 
+def _hf_backbone(ours: PResNet, layer_type: str, depths: list, widths: list) -> nn.Module:
+    """HF's independent port of the vd ResNet with ``ours``'s weights (and dtype), returning
+    the same three stages."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import RTDetrResNetConfig
+    from transformers.models.rt_detr.modeling_rt_detr_resnet import RTDetrResNetBackbone
+
+    config = RTDetrResNetConfig(
+        layer_type=layer_type, depths=depths, hidden_sizes=widths, out_indices=[2, 3, 4]
+    )
+    hf = RTDetrResNetBackbone(config).to(next(ours.parameters()).dtype)
+    hf.load_state_dict({_hf_key(k): v for k, v in ours.state_dict().items()}, strict=True)
+    return hf
+
+
 @pytest.mark.parametrize(
     ("depth", "layer_type", "depths", "widths"),
     [
@@ -59,18 +74,10 @@ def _hf_key(key: str) -> str:
 )
 def test_matches_hf_resnet_vd(depth: int, layer_type: str, depths: list, widths: list) -> None:
     """Same weights -> same feature maps as HF's independent port of the vd ResNet (non-square)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import RTDetrResNetConfig
-    from transformers.models.rt_detr.modeling_rt_detr_resnet import RTDetrResNetBackbone
-
     torch.manual_seed(0)
     ours = PResNet(depth).eval()
     _randomise_norms(ours)
-    config = RTDetrResNetConfig(
-        layer_type=layer_type, depths=depths, hidden_sizes=widths, out_indices=[2, 3, 4]
-    )
-    hf = RTDetrResNetBackbone(config).eval()
-    hf.load_state_dict({_hf_key(k): v for k, v in ours.state_dict().items()}, strict=True)
+    hf = _hf_backbone(ours, layer_type, depths, widths).eval()
 
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
@@ -99,19 +106,10 @@ def test_training_gradients_match_hf_with_relu_after_the_pool() -> None:
     """The stem computes ReLU(max-pool(.)) instead of the paper's max-pool(ReLU(.)): in training
     (batch statistics) the feature maps and every gradient equal HF's, which keeps the usual
     order, and no ReLU backward runs on the full-resolution stem map."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import RTDetrResNetConfig
-    from transformers.models.rt_detr.modeling_rt_detr_resnet import RTDetrResNetBackbone
-
     torch.manual_seed(0)
     ours = PResNet(18).double().train()
     _randomise_norms(ours)
-    config = RTDetrResNetConfig(
-        layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512],
-        out_indices=[2, 3, 4],
-    )  # fmt: skip
-    hf = RTDetrResNetBackbone(config).double().train()
-    hf.load_state_dict({_hf_key(k): v for k, v in ours.state_dict().items()}, strict=True)
+    hf = _hf_backbone(ours, "basic", [2, 2, 2, 2], [64, 128, 256, 512]).train()
 
     x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     weights = [torch.randn(2, c, 64 // s, 96 // s, dtype=torch.float64)
