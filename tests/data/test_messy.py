@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
-from rtdetr_lit.data import YoloDataModule
+from rtdetr_lit.config import validate_config
+from rtdetr_lit.data import CocoDataModule, YoloDataModule
+from tests.conftest import compose_config
 
 from .conftest import make_datamodule, write_image
 
@@ -109,6 +112,82 @@ def test_an_unknown_category_id_names_the_annotation(coco_writer, tmp_path) -> N
     writer.write()
     with pytest.raises(ValueError, match=f"annotation id {bad} has category_id 99"):
         make_datamodule(tmp_path).setup("fit")
+
+
+# A value that is not a finite JSON number, in each position of [x, y, w, h].
+BROKEN_BBOXES = {
+    "nan": [float("nan"), 5, 10, 10],
+    "inf": [5, 5, float("inf"), 10],
+    "-inf": [5, float("-inf"), 10, 10],
+    "string": [5, "10", 10, 10],
+    "null": [5, 5, 10, None],
+    "bool": [True, 5, 10, 10],
+    "list": [5, 5, [10], 10],
+}
+
+
+def _coco_with_broken_boxes(coco_writer, kinds: list[str]) -> tuple[Path, list[int], list[int]]:
+    """A train split with two good boxes and one broken box per kind; (json, good, broken ids)."""
+    writer = coco_writer("train")
+    i = writer.add_image(64, 48)
+    good = [writer.add_box(i, [1, 1, 10, 10])]
+    broken = []
+    for kind in kinds:
+        broken.append(writer.add_box(i, [1, 1, 1, 1]))
+        writer.data["annotations"][-1]["bbox"] = BROKEN_BBOXES[kind]  # area stays numeric
+    good.append(writer.add_box(writer.add_image(64, 48), [20, 10, 30, 30]))
+    return writer.write(), good, broken
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_BBOXES))
+def test_a_broken_coco_coordinate_is_an_error_at_setup_naming_file_and_id(
+    coco_writer, tmp_path, kind
+) -> None:
+    path, _, broken = _coco_with_broken_boxes(coco_writer, [kind])
+    with pytest.raises(ValueError) as err:
+        make_datamodule(tmp_path).setup("fit")
+    message = str(err.value)
+    assert message.startswith(f"{path}: 1 annotations have non-finite or non-numeric bbox")
+    assert f"annotation ids {broken}" in message
+    assert "data.skip_bad_annotations=true" in message
+
+
+def test_broken_coco_coordinates_are_all_named_first_ten_then_a_count(coco_writer, tmp_path):
+    _, _, broken = _coco_with_broken_boxes(coco_writer, ["nan"] * 12)
+    with pytest.raises(ValueError, match=r"12 annotations have non-finite") as err:
+        make_datamodule(tmp_path).setup("fit")
+    assert f"annotation ids {broken[:10]} ... and 2 more;" in str(err.value)
+
+
+def test_broken_coco_coordinates_are_skipped_and_counted_once_when_asked(
+    coco_writer, tmp_path, caplog
+) -> None:
+    path, good, broken = _coco_with_broken_boxes(coco_writer, ["nan", "inf", "string"])
+    dm = make_datamodule(tmp_path, skip_bad_annotations=True)
+    with caplog.at_level(logging.WARNING, logger="rtdetr_lit"):
+        dm.setup("fit")
+    ann = dm.annotations["train"]
+    assert ann.annotation_ids.tolist() == good and np.isfinite(ann.boxes).all()
+    assert np.diff(ann.box_offsets).tolist() == [1, 1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings  # and no "dropped ... zero or negative" one
+    assert warnings[0].startswith(f"{path}: skipped 3 broken annotations")
+    assert f"annotation ids {broken}" in warnings[0]
+
+
+def test_skip_bad_annotations_composes_into_every_data_config() -> None:
+    for option, extra in [
+        ("coco", []),
+        ("custom", ["data.root=/datasets/mine", "data.num_classes=3"]),
+        ("synthetic", []),
+        ("yolo", ["data.root=/datasets/mine", "data.names=[a,b]", "data.num_classes=2"]),
+    ]:
+        cfg = compose_config("train", [f"data={option}", *extra])
+        assert cfg.data.skip_bad_annotations is False, option
+        cfg = compose_config("train", [f"data={option}", "data.skip_bad_annotations=true", *extra])
+        validate_config(cfg, ("data",))
+        dm = instantiate(cfg.data)
+        assert isinstance(dm, CocoDataModule) and dm.skip_bad_annotations is True, option
 
 
 def test_class_count_must_match_the_config(coco_writer, tmp_path) -> None:
@@ -266,7 +345,7 @@ def _write_yolo(root: Path, lines: dict[str, str]) -> None:
             (root / "labels" / f"{stem}.txt").write_text(text)
 
 
-def _yolo_module(root: Path) -> YoloDataModule:
+def _yolo_module(root: Path, **overrides) -> YoloDataModule:
     return YoloDataModule(
         names=["a", "b"],
         train_images=str(root / "images"),
@@ -275,6 +354,7 @@ def _yolo_module(root: Path) -> YoloDataModule:
         batch_size=1,
         num_workers=0,
         image_size=(64, 64),
+        **overrides,
     )
 
 
@@ -299,3 +379,31 @@ def test_bad_yolo_lines_name_file_and_line(tmp_path, text, message) -> None:
     _write_yolo(tmp_path, {"x": text})
     with pytest.raises(ValueError, match=message):
         _yolo_module(tmp_path).setup("fit")
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["0 nan 0.5 0.1 0.1", "1 0.5 0.5 inf 0.1", "0 0.5 -inf 0.1 0.1", "0 0.5 0.5", "0 a 0.5 0.1 0.1",
+     "0 0.5 0.5 0.1 0.1 0.1", "a 0.5 0.5 0.1 0.1"],
+)  # fmt: skip
+def test_a_broken_yolo_line_is_an_error_naming_file_and_line_or_skipped(
+    tmp_path, caplog, line
+) -> None:
+    _write_yolo(tmp_path, {"x": f"1 0.5 0.5 0.25 0.5\n{line}\n0 0.1 0.1 0.1 0.1\n"})
+    label_file = tmp_path / "labels" / "x.txt"
+    with pytest.raises(ValueError) as err:
+        _yolo_module(tmp_path).setup("fit")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'labels'}: 1 label lines are broken annotations")
+    assert (
+        f"{label_file}:2: expected 'class cx cy w h' with finite numbers, got {line!r}" in message
+    )
+    assert "data.skip_bad_annotations=true" in message
+
+    dm = _yolo_module(tmp_path, skip_bad_annotations=True)
+    with caplog.at_level(logging.WARNING, logger="rtdetr_lit"):
+        dm.setup("fit")
+    np.testing.assert_allclose(dm.annotations["train"].boxes, [[30, 10, 50, 30], [4, 2, 12, 6]])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "skipped 1 broken label lines" in warnings[0] and f"{label_file}:2:" in warnings[0]

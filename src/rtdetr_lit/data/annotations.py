@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -202,11 +203,42 @@ def build_annotations(
     )
 
 
-def load_coco(path: str | os.PathLike[str]) -> DetectionAnnotations:
+_SKIP_OPTION = "data.skip_bad_annotations=true"
+
+
+def _listed(items: list[Any], limit: int = 10) -> str:
+    """The first ``limit`` items, then how many more there are."""
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{items[:limit]}{more}"
+
+
+def _coco_xyxy(bbox: list[Any] | tuple[Any, ...]) -> list[float] | None:
+    """A COCO ``[x, y, w, h]`` as finite ``[x0, y0, x1, y1]``, or None for a broken one.
+
+    Broken: a value that is not a JSON number (a string, null, a bool, a list...), or one that is
+    NaN or infinite (Python's JSON reader accepts ``NaN`` and ``Infinity``) or becomes so.
+    Types are checked explicitly: numpy would quietly turn the string ``"10"`` into 10.
+    """
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox):
+        return None
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except OverflowError:  # an integer beyond float range
+        return None
+    xyxy = [x, y, x + w, y + h]
+    return xyxy if all(math.isfinite(v) for v in xyxy) else None
+
+
+def load_coco(
+    path: str | os.PathLike[str], *, skip_bad_annotations: bool = False
+) -> DetectionAnnotations:
     """Read a COCO ``instances`` JSON into arrays (boxes not yet clipped: see ``sanitized``).
 
     Raises ``ValueError`` naming the annotation id for an unknown category or image id or a
-    malformed ``bbox``. Images without annotations are kept (negatives).
+    missing ``bbox``. A bbox with a non-finite (NaN, infinite) or non-numeric value is a broken
+    annotation: an error naming the file and every such annotation id, or, with
+    ``skip_bad_annotations``, left out and counted in one warning. Images without annotations are
+    kept (negatives).
     """
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
@@ -222,9 +254,13 @@ def load_coco(path: str | os.PathLike[str]) -> DetectionAnnotations:
         raise ValueError(f"{path}: duplicate image ids")
     anns = data.get("annotations") or []
     del data
-    boxes = np.zeros((len(anns), 4), np.float64)
-    rows = np.zeros(len(anns), np.int64)
-    labels = np.zeros(len(anns), np.int64)
+    boxes: list[list[float]] = []
+    rows: list[int] = []
+    labels: list[int] = []
+    iscrowd: list[Any] = []
+    areas: list[Any] = []
+    annotation_ids: list[Any] = []
+    broken: list[Any] = []
     for j, a in enumerate(anns):
         if a.get("category_id") not in label_of:
             raise ValueError(
@@ -239,21 +275,42 @@ def load_coco(path: str | os.PathLike[str]) -> DetectionAnnotations:
         bbox = a.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
             raise ValueError(f"{path}: annotation id {a.get('id')} has no [x, y, w, h] bbox")
-        boxes[j] = bbox
-        rows[j] = row_of[a["image_id"]]
-        labels[j] = label_of[a["category_id"]]
-    boxes[:, 2:] += boxes[:, :2]
+        xyxy = _coco_xyxy(bbox)
+        if xyxy is None:
+            broken.append(a.get("id", j))
+            continue
+        boxes.append(xyxy)
+        rows.append(row_of[a["image_id"]])
+        labels.append(label_of[a["category_id"]])
+        iscrowd.append(a.get("iscrowd", 0))
+        areas.append(a.get("area", bbox[2] * bbox[3]))
+        annotation_ids.append(a.get("id", j))
+    del anns
+    if broken:
+        if not skip_bad_annotations:
+            raise ValueError(
+                f"{path}: {len(broken)} annotations have non-finite or non-numeric bbox values "
+                f"(broken annotations), annotation ids {_listed(broken)}; fix them, or set "
+                f"{_SKIP_OPTION} to leave them out"
+            )
+        log.warning(
+            "%s: skipped %d broken annotations with non-finite or non-numeric bbox values "
+            "(data.skip_bad_annotations), annotation ids %s",
+            path,
+            len(broken),
+            _listed(broken),
+        )
     return build_annotations(
         image_ids=image_ids,
         file_names=[im["file_name"] for im in images],
         widths=np.array([im.get("width", 0) for im in images], np.int64),
         heights=np.array([im.get("height", 0) for im in images], np.int64),
-        box_image_index=rows,
-        boxes_xyxy=boxes,
-        labels=labels,
-        iscrowd=np.array([a.get("iscrowd", 0) for a in anns], np.uint8),
-        areas=np.array([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in anns], np.float32),
-        annotation_ids=np.array([a.get("id", j) for j, a in enumerate(anns)], np.int64),
+        box_image_index=np.asarray(rows, np.int64),
+        boxes_xyxy=np.asarray(boxes, np.float64).reshape(-1, 4),
+        labels=np.asarray(labels, np.int64),
+        iscrowd=np.asarray(iscrowd, np.uint8),
+        areas=np.asarray(areas, np.float32),
+        annotation_ids=np.asarray(annotation_ids, np.int64),
         category_ids=category_ids,
         class_names=[str(c.get("name", c["id"])) for c in categories],
     )
@@ -267,12 +324,17 @@ def load_yolo(
     labels: str | os.PathLike[str],
     names: list[str],
     probe: Callable[[list[str]], list[ImageProbe]],
+    *,
+    skip_bad_annotations: bool = False,
 ) -> DetectionAnnotations:
     """Read a YOLO-format split: every image in ``images`` and its ``labels/<stem>.txt``.
 
     Lines are ``class cx cy w h`` with coordinates normalised to the image; ``probe`` gives the
     image sizes that turn them into pixels. A missing label file means an image without objects.
-    Raises ``ValueError`` naming the file and line of a malformed line or an unknown class.
+    A line that is not an integer class and 4 finite numbers (too few or too many fields, text,
+    NaN, infinity) is a broken annotation: an error naming every such ``file:line``, or, with
+    ``skip_bad_annotations``, left out and counted in one warning. A class outside ``names`` is
+    always an error naming the file and line.
     """
     files = sorted(
         f for f in os.listdir(images) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
@@ -281,6 +343,7 @@ def load_yolo(
     rows: list[int] = []
     boxes: list[list[float]] = []
     classes: list[int] = []
+    broken: list[str] = []
     for row, (name, info) in enumerate(zip(files, probes, strict=True)):
         label_file = os.path.join(labels, os.path.splitext(name)[0] + ".txt")
         if not os.path.isfile(label_file):
@@ -293,20 +356,46 @@ def load_yolo(
                 try:
                     cls = int(parts[0])
                     cx, cy, w, h = (float(v) for v in parts[1:])
-                except ValueError:
-                    raise ValueError(
-                        f"{label_file}:{line_no}: expected 'class cx cy w h', got {line.strip()!r}"
-                    ) from None
+                except ValueError:  # a wrong number of fields, or not numbers
+                    box = None
+                else:
+                    sx, sy = info.width, info.height
+                    box = [
+                        (cx - w / 2) * sx,
+                        (cy - h / 2) * sy,
+                        (cx + w / 2) * sx,
+                        (cy + h / 2) * sy,
+                    ]
+                if box is None or not all(math.isfinite(v) for v in box):
+                    broken.append(
+                        f"{label_file}:{line_no}: expected 'class cx cy w h' with finite numbers, "
+                        f"got {line.strip()!r}"
+                    )
+                    continue
                 if not 0 <= cls < len(names):
                     raise ValueError(
                         f"{label_file}:{line_no}: class {cls} is not in names (0..{len(names) - 1})"
                     )
-                sx, sy = info.width, info.height
-                boxes.append(
-                    [(cx - w / 2) * sx, (cy - h / 2) * sy, (cx + w / 2) * sx, (cy + h / 2) * sy]
-                )
+                boxes.append(box)
                 rows.append(row)
                 classes.append(cls)
+    if broken:
+        shown = "\n  ".join(broken[:10])
+        more = f"\n  ... and {len(broken) - 10} more" if len(broken) > 10 else ""
+        if not skip_bad_annotations:
+            raise ValueError(
+                f"{labels}: {len(broken)} label lines are broken annotations (not a class and 4 "
+                f"finite numbers); fix them, or set {_SKIP_OPTION} to leave them out:\n  "
+                f"{shown}{more}"
+            )
+        log.warning(
+            "%s: skipped %d broken label lines (not a class and 4 finite numbers; "
+            "data.skip_bad_annotations):\n  %s%s",
+            labels,
+            len(broken),
+            shown,
+            more,
+        )
     xyxy = np.asarray(boxes, np.float32).reshape(-1, 4)
     return build_annotations(
         image_ids=np.arange(len(files), dtype=np.int64),

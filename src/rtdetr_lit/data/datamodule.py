@@ -57,6 +57,9 @@ class CocoDataModule(L.LightningDataModule):
         image_size: network input (height, width).
         skip_bad_images: leave out (and count) images that are missing, unreadable or of another
             size than the annotations say, instead of stopping at set-up.
+        skip_bad_annotations: leave out (and count) broken annotations, boxes with a non-finite
+            or non-numeric coordinate (YOLO: label lines that are not a class and 4 finite
+            numbers), instead of stopping at set-up.
         augment: ``AugmentConfig`` fields (SPEC §9 training augmentation and its stop epoch).
         multiscale: ``enabled``, ``sizes`` and ``stop_epoch`` of the per-batch random resize.
     """
@@ -77,6 +80,7 @@ class CocoDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         image_size: Sequence[int] = (640, 640),
         skip_bad_images: bool = False,
+        skip_bad_annotations: bool = False,
         augment: Mapping[str, Any] | None = None,
         multiscale: Mapping[str, Any] | None = None,
     ) -> None:
@@ -98,6 +102,7 @@ class CocoDataModule(L.LightningDataModule):
                 f"data.image_size must be [height, width], multiples of 32: {image_size}"
             )
         self.skip_bad_images = skip_bad_images
+        self.skip_bad_annotations = skip_bad_annotations
         self.augment = AugmentConfig(**(augment or {}))
         ms = dict(multiscale or {})
         self.collate_train = MultiScaleCollate(
@@ -148,7 +153,7 @@ class CocoDataModule(L.LightningDataModule):
 
     def read_annotations(self, images: str, annotations: str) -> DetectionAnnotations:
         """Read one split's annotation source (a COCO JSON here)."""
-        return load_coco(annotations)
+        return load_coco(annotations, skip_bad_annotations=self.skip_bad_annotations)
 
     def _load_split(self, split: str, images: str, annotations: str) -> DetectionAnnotations:
         if not os.path.isdir(images):
@@ -368,4 +373,10 @@ class YoloDataModule(CocoDataModule):
             raise ValueError("data.names: the class names list is empty")
 
     def read_annotations(self, images: str, annotations: str) -> DetectionAnnotations:
-        return load_yolo(images, annotations, self.names, probe_images)
+        return load_yolo(
+            images,
+            annotations,
+            self.names,
+            probe_images,
+            skip_bad_annotations=self.skip_bad_annotations,
+        )
