@@ -122,10 +122,15 @@ def _images(batch: int, height: int, width: int) -> torch.Tensor:
     return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(3))
 
 
-def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str, ties: int = 0) -> None:
+    """Equal within ``ATOL``, except for at most ``ties`` queries (rows of the last-but-one dim)."""
     assert got.shape == want.shape, what
-    diff = (got - want).abs().max().item()
-    assert diff <= ATOL, f"{what}: max abs diff {diff:.3g} > {ATOL}"
+    diff = (got - want).abs()
+    if ties:
+        per_query = diff.amax(-1).flatten()
+        assert int((per_query > ATOL).sum()) <= ties, f"{what}: {per_query.topk(ties + 1)}"
+        return
+    assert diff.max().item() <= ATOL, f"{what}: max abs diff {diff.max().item():.3g} > {ATOL}"
 
 
 # (name, method, input H x W, our eval size). A matching eval size exercises the cached anchors and
@@ -205,13 +210,19 @@ def test_training_outputs_with_denoising_match_hf(name, method):
 
     layers = [*got["aux_outputs"], {k: got[k] for k in ("pred_logits", "pred_boxes")}]
     assert len(layers) == len(got["dn_outputs"]) == want.intermediate_logits.shape[1]
+    # Discrete sampling rounds each point to a pixel. Both models agree to float noise (~5e-6)
+    # before the rounding, so the rare point within that noise of a pixel boundary can round the
+    # other way and change its query: on an AVX2-only EPYC one of these 2 x (300 + dn) queries
+    # does, at the last layer. One such query per output is allowed; a real difference changes
+    # most of them.
+    ties = 1 if method == "discrete" else 0
     for i, (match, dn) in enumerate(zip(layers, got["dn_outputs"], strict=True)):
         hf_logits = want.intermediate_logits[:, i]
         hf_boxes = want.intermediate_reference_points[:, i]
-        _assert_close(match["pred_logits"], hf_logits[:, num_dn:], f"layer {i} logits")
-        _assert_close(match["pred_boxes"], hf_boxes[:, num_dn:], f"layer {i} boxes")
-        _assert_close(dn["pred_logits"], hf_logits[:, :num_dn], f"layer {i} dn logits")
-        _assert_close(dn["pred_boxes"], hf_boxes[:, :num_dn], f"layer {i} dn boxes")
+        _assert_close(match["pred_logits"], hf_logits[:, num_dn:], f"layer {i} logits", ties)
+        _assert_close(match["pred_boxes"], hf_boxes[:, num_dn:], f"layer {i} boxes", ties)
+        _assert_close(dn["pred_logits"], hf_logits[:, :num_dn], f"layer {i} dn logits", ties)
+        _assert_close(dn["pred_boxes"], hf_boxes[:, :num_dn], f"layer {i} dn boxes", ties)
     (enc,) = got["enc_outputs"]
     _assert_close(enc["pred_logits"], want.enc_topk_logits, "encoder logits")
     _assert_close(enc["pred_boxes"], want.enc_topk_bboxes, "encoder boxes")
