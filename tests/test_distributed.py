@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from rtdetr_lit.checkpoint_io import AtomicCheckpointIO
+from rtdetr_lit.checkpoint_io import SafeCheckpointIO
 from rtdetr_lit.config import ConfigError
 from rtdetr_lit.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
 from rtdetr_lit.sync_batchnorm import AllReduceBatchNorm, SyncBatchNormCPU
@@ -102,7 +102,7 @@ def test_ddp_sim_is_two_cpu_ddp_processes_with_synchronised_batch_norm(tmp_path:
     assert cfg.trainer.devices == 2 and cfg.trainer.sync_batchnorm
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 2
-    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
     assert isinstance(trainer._accelerator_connector._layer_sync, SyncBatchNormCPU)
 
 

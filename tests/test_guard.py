@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rtdetr_lit.callbacks import NonFiniteGuard
-from rtdetr_lit.checkpoint_io import AtomicCheckpointIO
+from rtdetr_lit.checkpoint_io import SafeCheckpointIO
 
 
 class _Poisoned(L.LightningModule):
@@ -61,7 +61,7 @@ def test_too_many_non_finite_steps_in_a_row_stop_the_run() -> None:
 
 
 def test_checkpoint_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
-    io = AtomicCheckpointIO()
+    io = SafeCheckpointIO()
     target = tmp_path / "last.ckpt"
     io.save_checkpoint({"step": 1}, target)
     assert torch.load(target, weights_only=True) == {"step": 1}

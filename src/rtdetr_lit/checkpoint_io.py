@@ -1,30 +1,37 @@
-"""Checkpoint files that are either complete or absent, never half-written."""
+"""Lightning's checkpoint reading and writing, made safe: atomic writes, reads that run no code."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO"]
+__all__ = ["SafeCheckpointIO", "ensure_safe_checkpoint_io"]
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Save to a temporary file beside the target, flush it to disk, then rename it into place.
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Every checkpoint Lightning reads or writes goes through here.
 
-    The rename is atomic on POSIX file systems, so a run killed at any moment (SIGKILL, pre-emption)
-    leaves either the previous ``last.ckpt`` or the new one, never a truncated file.
+    - Writing: to a temporary file beside the target, flushed to disk, then renamed into place.
+      The rename is atomic on POSIX file systems, so a run killed at any moment (SIGKILL,
+      pre-emption) leaves either the previous ``last.ckpt`` or the new one, never a truncated
+      file.
+    - Reading (resume, ``trainer.test(ckpt_path=...)``, any path restored from a checkpoint):
+      :func:`rtdetr_lit.checkpoints.load_checkpoint_file`, which never runs code stored in the
+      file whatever ``weights_only`` Lightning asks for, and refuses detector weights holding NaN
+      or inf before anything is restored.
     """
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None
     ) -> None:
         if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
+            raise TypeError("SafeCheckpointIO takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -37,3 +44,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], map_location: Any = None, weights_only: Any = None
+    ) -> dict[str, Any]:
+        # map_location and weights_only are ignored on purpose: tensors load onto the CPU (the
+        # strategy moves them), and loading is always weights-only.
+        from rtdetr_lit.checkpoints import check_finite, load_checkpoint_file
+
+        checkpoint = load_checkpoint_file(path)
+        if not isinstance(checkpoint, Mapping) or not isinstance(
+            checkpoint.get("state_dict"), Mapping
+        ):
+            raise ValueError(
+                f"{path}: not a checkpoint written by training (it has no 'state_dict'), so a "
+                "run cannot resume from it; to start from its weights, use model.init_from=PATH"
+            )
+        # The detector's weights only: metric states legitimately hold inf (a best-so-far maximum
+        # starts at -inf until the first validation).
+        weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        check_finite(weights, str(path))
+        return checkpoint
+
+
+def ensure_safe_checkpoint_io(trainer: Any) -> None:
+    """Give ``trainer`` a :class:`SafeCheckpointIO` if its config left Lightning's default.
+
+    Raises ``ValueError`` for any other checkpoint IO plugin: it could read files unsafely.
+    """
+    strategy = trainer.strategy
+    io = strategy.checkpoint_io
+    if isinstance(io, SafeCheckpointIO):
+        return
+    if type(io) is not TorchCheckpointIO:
+        raise ValueError(
+            f"trainer.plugins: the checkpoint IO plugin {type(io).__name__} is not "
+            "rtdetr_lit.checkpoint_io.SafeCheckpointIO, the one that reads checkpoints without "
+            "running code in them; remove it from trainer.plugins"
+        )
+    strategy.checkpoint_io = SafeCheckpointIO()

@@ -38,8 +38,10 @@ __all__ = [
     "EVAL_SIZE_BUFFERS",
     "MODEL_NAMES",
     "ConversionResult",
+    "UnsafeCheckpointError",
     "align_to_target",
     "build_target_state_dict",
+    "check_finite",
     "check_model_name",
     "convert_reference_state_dict",
     "extract_state_dict",
@@ -64,6 +66,10 @@ _CLASS_DEPENDENT = re.compile(
 EVAL_SIZE_BUFFERS = frozenset({"decoder.anchors", "decoder.valid_mask"})
 
 _MAX_LISTED = 12
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickled checkpoint holds objects other than tensors and plain containers: refused."""
 
 
 @dataclass
@@ -97,7 +103,8 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: unknown suffix, unreadable file, or a pickle holding arbitrary objects.
+        UnsafeCheckpointError: a pickle holding objects other than tensors and plain containers.
+        ValueError: unknown suffix or unreadable file.
     """
     path = Path(path)
     if not path.is_file():
@@ -118,16 +125,39 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-        raise ValueError(
-            f"refused to load {path}: torch.load(weights_only=True) rejected it "
-            f"({detail.group(1).strip() if detail else err}). Either it is not a PyTorch "
-            "checkpoint, or it pickles Python objects other than tensors and plain containers, "
-            "which could run arbitrary code when loaded. If you trust the file, re-save only its "
-            "tensors (torch.save(state_dict)) from a trusted environment."
-        ) from err
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # from None: torch's own text suggests weights_only=False, the one thing not to do.
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load it. The file holds Python objects other than tensors and "
+            "plain containers"
+            + (f" (the first one: {found.group(1)})" if found else "")
+            + "; unpickling them could run code, and rtdetr_lit never does. If the file comes "
+            "from a source you trust, re-save only its weights there (torch.save of a state "
+            "dict, or a .safetensors file), or convert it with python -m rtdetr_lit.convert "
+            "in that trusted environment."
+        ) from None
     except (RuntimeError, OSError, EOFError) as err:
         raise ValueError(f"could not read checkpoint {path}: {err}") from err
+
+
+def check_finite(state_dict: Mapping[str, Any], source: str) -> None:
+    """Raise ``ValueError`` naming every floating tensor of ``state_dict`` with a NaN or inf.
+
+    Called before any weight is copied, so a broken file leaves the model untouched.
+    """
+    broken = [
+        key
+        for key, value in state_dict.items()
+        if isinstance(value, Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
+    if broken:
+        raise ValueError(
+            f"{source}: NaN or inf values in {len(broken)} of its tensors: {_listed(broken)}. "
+            "Nothing was loaded: the weights are broken (a diverged run?); use an earlier "
+            "checkpoint."
+        )
 
 
 def extract_state_dict(obj: Any) -> dict[str, Tensor]:
@@ -190,6 +220,7 @@ def align_to_target(
         ValueError: missing keys, unexpected keys, or a shape mismatch that the class count or
             eval size does not explain; the message names every offending key.
     """
+    check_finite(state_dict, source)
     result = ConversionResult(state_dict={})
     missing, mismatched = [], []
     for key, want in target.items():

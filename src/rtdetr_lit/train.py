@@ -11,6 +11,7 @@ With no arguments this trains the CPU demo model on the embedded synthetic datas
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -39,6 +40,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
 
+    from rtdetr_lit.checkpoint_io import ensure_safe_checkpoint_io
+
     prepare_run(cfg)
     log.info("data: %s", cfg.data._target_)
     datamodule = instantiate(cfg.data)
@@ -48,18 +51,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     check_launch(trainer)
+    ensure_safe_checkpoint_io(trainer)
 
     metrics: dict[str, Any] = {}
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
         metrics.update(trainer.callback_metrics)
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        best = _best_checkpoint_of_this_run(trainer)
+        # Without a best checkpoint: the weights the run ended with (EMA when it ran).
+        trainer.test(model, datamodule=datamodule, ckpt_path=best)
         metrics.update(trainer.callback_metrics)
         if best:
             log.info("best checkpoint: %s", best)
     return finish_run(cfg, trainer, metrics)
+
+
+def _best_checkpoint_of_this_run(trainer: Any) -> str | None:
+    """The best checkpoint if this run wrote it, else ``None``.
+
+    A resumed run restores ``best_model_path`` from its checkpoint file, which can name any file
+    (another run's, or one planted in a shared checkpoint): only a file in this run's checkpoint
+    folder is tested. Whatever is tested is read by the safe checkpoint IO anyway.
+    """
+    callback = trainer.checkpoint_callback
+    best = callback.best_model_path if callback is not None else ""
+    if not best:
+        return None
+    if callback.dirpath is None or Path(best).resolve().parent != Path(callback.dirpath).resolve():
+        log.warning(
+            "the best checkpoint %s comes from the checkpoint this run resumed from, not from "
+            "this run: testing the weights the run ended with instead",
+            best,
+        )
+        return None
+    return best
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -176,7 +176,7 @@ class PResNet(nn.Module):
         return outs
 
     def load_weights(self, path: str | Path) -> None:
-        """Load backbone weights from a local file (nothing is downloaded).
+        """Load backbone weights from a local file (nothing is downloaded, no code in it runs).
 
         The file may hold a bare backbone state dict, a state dict whose backbone keys start with
         ``backbone.`` (other keys are ignored), or a reference checkpoint with ``ema.module`` or
@@ -184,11 +184,13 @@ class PResNet(nn.Module):
         ``FileNotFoundError`` if the file is missing and ``ValueError`` naming missing, unexpected
         or mis-shaped keys.
         """
+        from rtdetr_lit.checkpoints import check_finite, load_checkpoint_file
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = _backbone_state(state, path)
+        state = _backbone_state(load_checkpoint_file(path), path)
+        check_finite(state, f"backbone weights {path}")
 
         own = {k: v for k, v in self.state_dict().items() if not k.endswith("num_batches_tracked")}
         given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
