@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rtdetr_lit import create_model
-from rtdetr_lit.optim import build_param_groups, warmup_schedule
+from rtdetr_lit.optim import build_param_groups, clip_gradients, warmup_schedule
 
 
 def test_param_groups_split_backbone_norms_and_biases() -> None:
@@ -87,3 +87,45 @@ def test_scheduler_steps_the_real_optimizer() -> None:
         opt.step()
         sched.step()
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def _params_with_grads(scale: float) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        nn.Parameter(torch.randn(5, 3, generator=gen)),
+        nn.Parameter(torch.randn(4, generator=gen)),
+    ]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 3.0 * scale
+    return params
+
+
+@pytest.mark.parametrize("grad_value", [1.0, float("inf")])
+def test_clipping_under_a_gradient_scaler_with_the_fused_optimizer(grad_value: float) -> None:
+    """16-mixed, fused AdamW, clip 0.1: the step equals plain AdamW on the unscaled, clipped
+    gradients; an overflow skips the step (and lowers the scale) as the scaler does."""
+    from lightning.pytorch.plugins import MixedPrecision, Precision
+
+    precision = MixedPrecision("16-mixed", device="cpu")
+    precision.scaler.scale(torch.ones(()))  # the scaled loss the backward pass started from
+    scale = precision.scaler.get_scale()
+    fused = _params_with_grads(scale)
+    fused[0].grad[0, 0] *= grad_value
+    optimizer = torch.optim.AdamW(fused, lr=0.1, fused=True)
+    clip_gradients(precision, optimizer, 0.1)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+
+    plain = _params_with_grads(1.0)
+    expected = torch.optim.AdamW(plain, lr=0.1)
+    clip_gradients(Precision(), expected, 0.1)
+    if grad_value == 1.0:
+        assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in plain])) == (
+            pytest.approx(0.1)
+        )
+        expected.step()
+        assert precision.scaler.get_scale() == scale
+    else:
+        assert precision.scaler.get_scale() == scale / 2
+    for got, want in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got.detach(), want.detach())

@@ -23,7 +23,7 @@ from torchvision.ops import box_convert
 
 from rtdetr_lit.checkpoints import load_model_weights
 from rtdetr_lit.models.postprocess import RTDETRPostProcessor
-from rtdetr_lit.optim import build_param_groups
+from rtdetr_lit.optim import build_param_groups, clip_gradients
 
 __all__ = ["RTDETRModule"]
 
@@ -167,6 +167,19 @@ class RTDETRModule(L.LightningModule):
             if name in losses:
                 log(f"train/{name}", losses[name])
         return loss
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as the trainer says (SPEC §9: global norm 0.1), also with the fused optimizer
+        under mixed precision (:func:`rtdetr_lit.optim.clip_gradients`)."""
+        precision = self.trainer.precision_plugin
+        clip_gradients(
+            precision, optimizer, gradient_clip_val or 0.0, gradient_clip_algorithm or "norm"
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

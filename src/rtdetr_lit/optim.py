@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["build_param_groups", "restart_warmup", "warmup_schedule"]
+__all__ = ["build_param_groups", "clip_gradients", "restart_warmup", "warmup_schedule"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -146,3 +146,26 @@ def restart_warmup(scheduler: LambdaLR, warmup_steps: int) -> None:
         group["lr"] = lr
     # What get_last_lr() (and so LearningRateMonitor) reports until the next step().
     scheduler._last_lr = lrs
+
+
+def clip_gradients(
+    precision: Any, optimizer: torch.optim.Optimizer, clip_val: float, algorithm: str = "norm"
+) -> None:
+    """Clip ``optimizer``'s gradients through the Lightning ``precision`` plugin, also for an
+    optimizer that unscales its own gradients (fused AdamW) under mixed precision.
+
+    Lightning refuses that case outright. Without a gradient scaler (bf16-mixed) nothing needs
+    unscaling. With one (16-mixed) Lightning leaves such an optimizer's gradients scaled, so they
+    are unscaled here first; the scaler's step then hands the fused kernel no scale to divide by,
+    only the overflow flag, and a step whose gradients overflowed is still skipped.
+    """
+    if clip_val <= 0:
+        return
+    scaler = getattr(precision, "scaler", None)
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)
+    # The plugin's clipping functions, without the refusal in its clip_gradients.
+    if algorithm == "value":
+        precision.clip_grad_by_value(optimizer, clip_val)
+    else:
+        precision.clip_grad_by_norm(optimizer, clip_val)

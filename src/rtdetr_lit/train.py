@@ -22,6 +22,7 @@ from rtdetr_lit.utils import (
     build_callbacks,
     build_loggers,
     check_launch,
+    check_sync_batchnorm,
     finish_run,
     prepare_run,
     resolve_ckpt_path,
@@ -51,6 +52,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     check_launch(trainer)
+    check_sync_batchnorm(trainer)
     ensure_safe_checkpoint_io(trainer)
 
     metrics: dict[str, Any] = {}

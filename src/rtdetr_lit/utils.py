@@ -15,6 +15,7 @@ __all__ = [
     "build_callbacks",
     "build_loggers",
     "check_launch",
+    "check_sync_batchnorm",
     "finish_run",
     "load_checkpoint_weights",
     "prepare_run",
@@ -171,6 +172,21 @@ def check_launch(trainer: Any) -> None:
             f"{launcher.num_processes - 1} process(es) by re-running the command, which a Hydra "
             "multirun (-m) cannot do. Run the jobs one by one, or submit the sweep to SLURM "
             "(hydra/launcher=slurm), where SLURM starts the processes."
+        )
+
+
+def check_sync_batchnorm(trainer: Any) -> None:
+    """Refuse torch's ``SyncBatchNorm`` on CPUs before fitting, where Lightning would fail deep in
+    the DDP set-up; ``trainer=ddp_sim`` brings the CPU plugin instead."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.plugins import TorchSyncBatchNorm
+
+    layer_sync = trainer._accelerator_connector._layer_sync
+    if isinstance(trainer.accelerator, CPUAccelerator) and type(layer_sync) is TorchSyncBatchNorm:
+        raise ConfigError(
+            "trainer.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only. For DDP on CPUs use "
+            "trainer=ddp_sim (its SyncBatchNormCPU plugin synchronises batch norm over gloo), or "
+            "set trainer.sync_batchnorm=false"
         )
 
 

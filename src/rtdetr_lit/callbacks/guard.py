@@ -20,7 +20,9 @@ class NonFiniteGuard(L.Callback):
     backward pass and before clipping. Under DDP the gradients are already averaged over the
     ranks, so every rank takes the same decision without extra communication. The step is skipped
     by clearing the gradients (AdamW leaves parameters without a gradient untouched); the skip is
-    logged as ``train/skipped_steps``. After ``max_consecutive`` skipped steps in a row the run
+    logged as ``train/skipped_steps``. Under a gradient scaler (16-mixed) an overflow while the
+    loss scale is at least 1 is the scaler's business: it skips that update itself, and the guard
+    only logs it. After ``max_consecutive`` skipped steps in a row the run
     stops with an error, since the model will not recover by itself (lower the learning rate,
     check the data, or resume from an earlier checkpoint).
     """
@@ -37,8 +39,19 @@ class NonFiniteGuard(L.Callback):
     ) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         finite = not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
         if finite:
             self.consecutive = 0
+        elif scaler is not None and scaler.get_scale() >= 1.0:
+            # 16-mixed: the loss scale made the gradients overflow. The scaler skips this update
+            # itself and halves the scale; not a sign of a broken run unless the scale keeps
+            # falling below 1, where an overflow means the true gradients are not finite.
+            log.info(
+                "step %d: gradients overflowed at loss scale %g; the gradient scaler skips this "
+                "update and lowers the scale",
+                trainer.global_step,
+                scaler.get_scale(),
+            )
         else:
             optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
