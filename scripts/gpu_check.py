@@ -318,6 +318,9 @@ def train_command(plan: Plan, check: str, check_dir: Path, data_dir: Path) -> li
         "++trainer.limit_val_batches=2",
         "++trainer.num_sanity_val_steps=0",
         "test=false",
+        # last.ckpt is what the later checks read; no second copy as the "best" checkpoint (r18
+        # with EMA and AdamW moments: about 0.3 GB a file, three training checks per run).
+        "callbacks.model_checkpoint=null",
         "+callbacks.gpu_probe._target_=_gpu_probe.ThroughputProbe",
         f"+callbacks.gpu_probe.out_dir={hydra_value(check_dir / 'probe')}",
         f"+callbacks.gpu_probe.warmup_steps={min(plan.warmup, steps - 1)}",

@@ -89,6 +89,9 @@ def test_gpu_plan_trains_r18_at_640_for_50_steps_on_every_gpu(gc, tmp_path: Path
     cfg = _compose("train", ddp)
     assert cfg.trainer.max_steps == 50 and cfg.trainer.strategy == "ddp"
     assert cfg.callbacks.gpu_probe._target_ == "_gpu_probe.ThroughputProbe"
+    assert (
+        cfg.callbacks.model_checkpoint is None and cfg.callbacks.last_checkpoint.filename == "last"
+    )
     assert cfg.callbacks.gpu_probe.out_dir == str(tmp_path / "train_ddp" / "probe")
     assert cfg.data.synthetic.num_train == 1600 and list(cfg.data.image_size) == [640, 640]
     ckpt = tmp_path / "last.ckpt"
