@@ -192,9 +192,13 @@ def export_onnx(
     height, width = image_size
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Batch 2 while tracing, so that no size-1 batch dimension is folded into a constant.
-    images = torch.rand(2, 3, height, width)
-    sizes = torch.tensor([[width, height], [2 * width, height]], dtype=torch.int64)
+    # Batch 2 while tracing, so that no size-1 batch dimension is folded into a constant. The
+    # example inputs go where the model's weights are, in their floating dtype.
+    weight = next(model.parameters())
+    images = torch.rand(2, 3, height, width, dtype=weight.dtype, device=weight.device)
+    sizes = torch.tensor(
+        [[width, height], [2 * width, height]], dtype=torch.int64, device=weight.device
+    )
     batch = {0: "batch"}
     with warnings.catch_warnings():
         # The model's input checks (shape, token count) become constants of the trace: expected.

@@ -162,9 +162,14 @@ def _detect(
 
 def _torch_detector(model: InferenceModel) -> Detector:
     def run(images: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+        # The batch goes to the model's device (and dtype, for the images); the results come back.
+        weight = next(model.parameters())
         with torch.inference_mode():
-            outputs = model(torch.from_numpy(images), torch.from_numpy(sizes))
-        return [t.numpy() for t in outputs]
+            outputs = model(
+                torch.from_numpy(images).to(device=weight.device, dtype=weight.dtype),
+                torch.from_numpy(sizes).to(weight.device),
+            )
+        return [t.cpu().numpy() for t in outputs]
 
     return run
 

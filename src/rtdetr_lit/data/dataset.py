@@ -29,6 +29,11 @@ __all__ = ["DetectionDataset", "EvalSampler", "MultiScaleCollate", "TrainSampler
 
 Sample = tuple[torch.Tensor, dict[str, torch.Tensor], int | None]
 
+# Samples and batches are built on the host, in DataLoader workers; Lightning moves each batch to
+# the model's device. Said explicitly, so that a default device set with torch.set_default_device
+# (or a `with torch.device(...)` block) does not send them elsewhere.
+_HOST = torch.device("cpu")
+
 
 class DetectionDataset(Dataset):
     """Images of one split with their boxes, decoded and transformed on access.
@@ -94,16 +99,16 @@ class DetectionDataset(Dataset):
         out = pipeline(image=image, bboxes=ann.boxes[rows], box_index=np.arange(len(rows)))
         rows = rows[np.asarray(out["box_index"], np.int64)]
         out_h, out_w = out["image"].shape[:2]
-        xyxy = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
-        xyxy = xyxy / torch.tensor([out_w, out_h, out_w, out_h], dtype=torch.float32)
+        xyxy = torch.as_tensor(np.asarray(out["bboxes"], np.float32).reshape(-1, 4), device=_HOST)
+        xyxy = xyxy / xyxy.new_tensor([out_w, out_h, out_w, out_h])
         cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
         target = {
             "boxes": cxcywh,
-            "labels": torch.as_tensor(ann.labels[rows]),
-            "image_id": torch.tensor(int(ann.image_ids[i])),
-            "orig_size": torch.tensor([width, height]),
-            "iscrowd": torch.as_tensor(ann.iscrowd[rows].astype(np.int64)),
-            "area": torch.as_tensor(ann.areas[rows]),
+            "labels": torch.as_tensor(ann.labels[rows], device=_HOST),
+            "image_id": torch.tensor(int(ann.image_ids[i]), device=_HOST),
+            "orig_size": torch.tensor([width, height], device=_HOST),
+            "iscrowd": torch.as_tensor(ann.iscrowd[rows].astype(np.int64), device=_HOST),
+            "area": torch.as_tensor(ann.areas[rows], device=_HOST),
         }
         chw = torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1)
         return chw, target, epoch
@@ -127,7 +132,8 @@ class MultiScaleCollate:
         targets = [b[1] for b in batch]
         epoch = batch[0][2]
         if self.sizes and epoch is not None and epoch < self.stop_epoch:
-            size = self.sizes[int(torch.randint(len(self.sizes), ()))]
+            # the host's generator: RandomState saves and restores it (rtdetr_lit.callbacks.resume)
+            size = self.sizes[int(torch.randint(len(self.sizes), (), device=_HOST))]
             images = F.interpolate(images, size=(size, size), mode="nearest")
         return images.float().div_(255.0), targets
 

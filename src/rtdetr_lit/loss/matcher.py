@@ -124,7 +124,8 @@ class HungarianMatcher(nn.Module):
             targets give two empty tensors.
         """
         sizes = [len(t["boxes"]) for t in targets]
-        empty = torch.zeros(0, dtype=torch.int64)
+        # The indices live on the CPU, where scipy computes them, whatever the predictions' device.
+        empty = torch.zeros(0, dtype=torch.int64, device="cpu")
         if max(sizes, default=0) == 0:
             return [(empty, empty) for _ in sizes]
         # the only device-to-host copy (and synchronisation) of the call
@@ -138,13 +139,14 @@ class HungarianMatcher(nn.Module):
                 continue
             rows, cols = linear_sum_assignment(cost_np[i, :, :n])
             indices.append(
-                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+                tuple(torch.as_tensor(a, dtype=torch.int64, device="cpu") for a in (rows, cols))
             )
         return indices
 
     def _check_finite(self, cost: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Replace (or raise on) non-finite entries of the real, unpadded columns of ``cost``."""
-        real = torch.arange(cost.shape[2])[None, :] < torch.tensor(sizes)[:, None]  # (B, N)
+        columns = torch.arange(cost.shape[2], device=cost.device)
+        real = columns[None, :] < torch.tensor(sizes, device=cost.device)[:, None]  # (B, N)
         bad = ~torch.isfinite(cost) & real[:, None, :]
         if not bad.any():
             return cost

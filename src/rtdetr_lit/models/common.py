@@ -166,7 +166,9 @@ def fuse_conv_norm(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
         conv.groups,
         bias=True,
         padding_mode=conv.padding_mode,
-    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
     fused.bias.copy_(norm.bias + (conv_bias - norm.running_mean) * scale)

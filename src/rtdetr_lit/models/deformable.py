@@ -287,11 +287,14 @@ class MSDeformableAttention(nn.Module):
             nn.init.zeros_(proj.bias)
 
     def _offset_bias_init(self) -> torch.Tensor:
-        theta = torch.arange(self.num_heads, dtype=torch.float64) * (2.0 * math.pi / self.num_heads)
+        # Computed in float64 on the CPU (MPS has no float64), then copied into the bias wherever
+        # it lives.
+        f64 = {"dtype": torch.float64, "device": "cpu"}
+        theta = torch.arange(self.num_heads, **f64) * (2.0 * math.pi / self.num_heads)
         direction = torch.stack([theta.cos(), theta.sin()], dim=-1)
         direction = direction / direction.abs().max(dim=-1, keepdim=True).values  # (heads, 2)
         rank_in_level = torch.tensor(
-            [k + 1 for n in self.num_points_list for k in range(n)], dtype=torch.float64
+            [k + 1 for n in self.num_points_list for k in range(n)], **f64
         )  # (P,)
         bias = direction[:, None, :] * rank_in_level[None, :, None]  # (heads, P, 2)
         return bias.flatten().to(torch.float32)
