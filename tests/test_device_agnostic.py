@@ -19,7 +19,6 @@ import copy
 import functools
 import os
 import sys
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,21 +121,9 @@ class Violation:
     via: str  # the torch file that called the factory for the package, "" if none
     factory: str
 
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return self.file, self.function, self.via
-
     def __str__(self) -> str:
         through = f" (inside {self.via})" if self.via else ""
         return f"{self.file}:{self.line} in {self.function}(): torch.{self.factory}{through}"
-
-
-# Violations in files other engineers are changing right now: reported as warnings (visible in the
-# test summary) instead of failures. Delete an entry once its file is fixed.
-PENDING_ELSEWHERE = {
-    # The dummy parameter that probes the optimizer's defaults (lr, weight decay).
-    ("module.py", "configure_optimizers", ""): "module.py is being edited by someone else",
-}
 
 
 class FactoryDeviceMode(TorchFunctionMode):
@@ -166,16 +153,8 @@ def _report(violations: Iterable[Violation]) -> str:
 
 
 def assert_no_violations(violations: list[Violation]) -> None:
-    """Fail on every violation but those pending in another engineer's file (a warning)."""
-    pending = [v for v in violations if v.key in PENDING_ELSEWHERE]
-    if pending:
-        warnings.warn(
-            "tensors created without a device, to fix in files being edited elsewhere:\n"
-            + _report(pending),
-            stacklevel=2,
-        )
-    failing = [v for v in violations if v.key not in PENDING_ELSEWHERE]
-    assert not failing, "tensors created without a device:\n" + _report(failing)
+    """Fail naming every factory call made without a device."""
+    assert not violations, "tensors created without a device:\n" + _report(violations)
 
 
 # -- the mode itself ------------------------------------------------------------------------------

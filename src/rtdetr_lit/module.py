@@ -184,7 +184,8 @@ class RTDETRModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         # Probe the partial's defaults (lr, weight decay) with one dummy parameter.
-        defaults = self.optimizer_factory(params=[torch.zeros(1, requires_grad=True)]).defaults
+        probe = torch.zeros(1, device=self.device, requires_grad=True)
+        defaults = self.optimizer_factory(params=[probe]).defaults
         groups = build_param_groups(
             self.net,
             lr=defaults["lr"],
