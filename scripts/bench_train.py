@@ -16,6 +16,9 @@ PyTorch loop (``training_step``, ``backward``, ``step``) against ``Trainer.fit``
 time from one step's start to the next one's, data fetching included; the first steps of each
 run are dropped. Plain and Lightning runs alternate. Overhead: Lightning / plain - 1.
 
+Part 3: the same demo step through ``Trainer.fit`` with clipping at 0.1, ``precision=bf16-mixed``
+against ``32-true``, alternating. Ratio: bf16-mixed / 32-true.
+
     .venv/bin/python scripts/bench_train.py [--repeats 3] [--rounds 3] [--profile]
 """
 
@@ -166,12 +169,15 @@ def _plain_run(module, loader: DataLoader) -> list[float]:
     return starts
 
 
-def _lightning_run(module, loader: DataLoader, root: str) -> list[float]:
+def _lightning_run(
+    module, loader: DataLoader, root: str, precision: str = "32-true", clip: float | None = None
+) -> list[float]:
     clock = _StepClock()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root,
+        num_sanity_val_steps=0, callbacks=[clock], default_root_dir=root, precision=precision,
+        gradient_clip_val=clip,
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=loader)
     return clock.starts
@@ -207,6 +213,27 @@ def bench_lightning(steps: int, skip: int, rounds: int) -> None:
     )
 
 
+def bench_precision(steps: int, skip: int, rounds: int) -> None:
+    """The demo step through ``Trainer.fit`` in bf16-mixed against 32-true, clipping at 0.1 with
+    the fused AdamW the config builds (the path mixed precision takes in training)."""
+    loader = DataLoader(_InMemory(steps * BATCH, DEMO_SIZE), batch_size=BATCH, collate_fn=_collate)
+    modules = {"32-true": _demo_module(), "bf16-mixed": _demo_module()}
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("rtdetr_lit").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    samples: dict[str, list[float]] = {name: [] for name in modules}
+    with tempfile.TemporaryDirectory() as root:
+        for _ in range(rounds):
+            for name, module in modules.items():
+                starts = _lightning_run(module, loader, root, precision=name, clip=0.1)[skip:]
+                samples[name] += [b - a for a, b in itertools.pairwise(starts)]
+    print(
+        f"\n## Precision: demo model, {DEMO_SIZE}x{DEMO_SIZE}, batch {BATCH}, Trainer.fit with "
+        f"clipping at 0.1, {rounds} alternating runs of {steps} steps, first {skip} dropped"
+    )
+    print_table(samples, "32-true", paired=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=1)
@@ -220,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     print_header("Training step")
     bench_step(args.warmup, args.repeats, args.profile)
     bench_lightning(args.steps, skip=2, rounds=args.rounds)
+    bench_precision(args.steps, skip=2, rounds=args.rounds)
     print(load())
 
 
