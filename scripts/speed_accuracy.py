@@ -6,10 +6,12 @@ number of decoder layers run at inference (``eval_idx``) and the sampling operat
 
 The arguments other than the script's ``--`` options are Hydra overrides of ``conf/eval.yaml``, as
 for ``python -m rtdetr_lit.eval``: give the ``model=``/``data=`` (or ``experiment=``) of the run
-that wrote the checkpoint. Each point validates the whole val split (COCO mAP), then every point is
-timed on one image of ``data.image_size`` with the detector alone (RepVGG and conv+BN fused, as
-exported): ``--runs`` rounds that each run every point once, so that load from elsewhere slows
-all points alike; the table has the median and the minimum. Writes ``speed_accuracy.csv`` and
+that wrote the checkpoint. A ``key=value`` (or ``~key``) word is an override wherever it stands,
+also right after the lists of ``--eval-idx`` and ``--methods``; after ``--`` every word is one.
+Each point validates the whole val split (COCO mAP), then every point is timed on one image of
+``data.image_size`` with the detector alone (RepVGG and conv+BN fused, as exported): ``--runs``
+rounds that each run every point once, so that load from elsewhere slows all points alike; the
+table has the median and the minimum. Writes ``speed_accuracy.csv`` and
 ``speed_accuracy.png`` (mAP against median latency) to the run directory
 (``logs/speed_accuracy/runs/<date_time>/``).
 """
@@ -52,11 +54,29 @@ COLUMNS = (
 )
 
 
+def _is_override(word: str) -> bool:
+    """A Hydra override (``key=value``, ``+key=value``, ``~key``), not an option or its value."""
+    return not word.startswith("-") and ("=" in word or word.startswith("~"))
+
+
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """The script's options, and the rest of ``argv`` (Hydra overrides and options)."""
+    """The script's options, and the rest of ``argv`` (Hydra overrides and options).
+
+    The overrides are taken out before argparse sees the words: ``--eval-idx`` and ``--methods``
+    take any number of values, and would otherwise take the overrides that follow them as more
+    values (``--methods discrete ckpt_path=last.ckpt``). Words after ``--`` are all passed on.
+    """
+    words = list(argv)
+    passed: list[str] = []
+    if "--" in words:
+        cut = words.index("--")
+        words, passed = words[:cut], words[cut + 1 :]
+    overrides = [w for w in words if _is_override(w)]
+    options = [w for w in words if not _is_override(w)]
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Other arguments are Hydra overrides of conf/eval.yaml (ckpt_path=... is required).",
+        epilog="Other arguments are Hydra overrides of conf/eval.yaml (ckpt_path=... is required): "
+        "key=value words wherever they stand, and every word after --.",
     )
     parser.add_argument(
         "--eval-idx", type=int, nargs="+", help="decoder layers to stop at (default: every one)"
@@ -67,7 +87,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--runs", type=int, default=20, help="timed passes per point")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes per point first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(options)  # Hydra's own options (--cfg job) pass on
+    return args, [*unknown, *overrides, *passed]
 
 
 @torch.inference_mode()

@@ -372,3 +372,26 @@ def test_weights_trained_at_one_size_evaluate_at_another(tmp_path):
     assert load_model_weights(other, tmp_path / "w.pth") == []
     assert torch.equal(other.decoder.anchors, anchors)  # follow the model's eval size
     assert torch.equal(other.decoder.enc_score_head.weight, trained.decoder.enc_score_head.weight)
+
+
+def test_anchors_outside_the_image_are_inf_by_design_and_load(tmp_path):
+    """A model built for 640 px, like every reference checkpoint, holds +inf anchors where an
+    anchor leaves the image: its files convert, evaluate and resume; NaN there is refused."""
+    from rtdetr_lit import create_model
+    from rtdetr_lit.checkpoint_io import SafeCheckpointIO
+    from rtdetr_lit.checkpoints import check_finite, load_model_weights
+
+    state = create_model("r18").state_dict()
+    assert torch.isposinf(state["decoder.anchors"]).any()
+    torch.save({"ema": {"module": state, "updates": 1}}, tmp_path / "reference.pth")
+    args = ["--from", "reference", "--model", "r18", str(tmp_path / "reference.pth")]
+    assert main([*args, str(tmp_path / "r18.pth")]) == 0
+    assert load_model_weights(create_model("r18"), tmp_path / "r18.pth") == []
+    # a Lightning checkpoint of a 640 px run: resume and the test step read it like this
+    torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}}, tmp_path / "run.ckpt")
+    SafeCheckpointIO().load_checkpoint(tmp_path / "run.ckpt")
+    for value in ("nan", "-inf"):
+        broken = {**state, "decoder.anchors": state["decoder.anchors"].clone()}
+        broken["decoder.anchors"].view(-1)[0] = float(value)
+        with pytest.raises(ValueError, match=r"NaN or inf values in 1 of its tensors: decoder\."):
+            check_finite(broken, "file")

@@ -392,6 +392,26 @@ def _load_script(name: str, monkeypatch: pytest.MonkeyPatch):
     return module
 
 
+def test_speed_accuracy_overrides_may_follow_its_list_options(monkeypatch: pytest.MonkeyPatch):
+    """The README's ``--eval-idx 0 2 --methods discrete ckpt_path=last.ckpt``: the override is not
+    a third value of ``--methods``; the ``--`` form gives the same."""
+    script = _load_script("speed_accuracy", monkeypatch)
+    options = ["--eval-idx", "0", "2", "--methods", "discrete"]
+    for argv in ([*options, "ckpt_path=last.ckpt"], [*options, "--", "ckpt_path=last.ckpt"]):
+        args, overrides = script.parse_args(argv)
+        assert (args.eval_idx, args.methods) == ([0, 2], ["discrete"])
+        assert overrides == ["ckpt_path=last.ckpt"]
+    # Overrides anywhere (+key, ~key too), in their order; Hydra's own options pass on; negative
+    # indices stay indices; after `--` even an option-like word is passed on.
+    args, overrides = script.parse_args(
+        ["model=r18", "--eval-idx", "-1", "+x=1", "~y", "--runs", "3", "--cfg", "job", "--", "-z"]
+    )
+    assert (args.eval_idx, args.runs) == ([-1], 3)
+    assert overrides == ["--cfg", "job", "model=r18", "+x=1", "~y", "-z"]
+    with pytest.raises(SystemExit):  # the choices are still checked
+        script.parse_args(["--methods", "nearest", "ckpt_path=last.ckpt"])
+
+
 @pytest.mark.slow  # five validation passes and a dozen timed passes: about 20 s of CPU
 def test_speed_accuracy_sweeps_eval_idx_and_sampling_on_a_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -64,6 +64,7 @@ _CLASS_DEPENDENT = re.compile(
 # Buffers precomputed for one eval size (SPEC §4); a model built for another size, or for none,
 # legitimately differs here.
 EVAL_SIZE_BUFFERS = frozenset({"decoder.anchors", "decoder.valid_mask"})
+_ANCHORS = "decoder.anchors"
 
 _MAX_LISTED = 12
 
@@ -140,17 +141,25 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
         raise ValueError(f"could not read checkpoint {path}: {err}") from err
 
 
+def _not_finite(key: str, value: Tensor) -> bool:
+    # The eval-size anchors are +inf where an anchor lies outside the image (the reference's rule:
+    # every reference checkpoint and every model built for 640 px has some), so there only NaN
+    # and -inf are broken. The key may carry a prefix (``net.`` in a Lightning checkpoint).
+    if key == _ANCHORS or key.endswith("." + _ANCHORS):
+        return bool(torch.isnan(value).any() or torch.isneginf(value).any())
+    return not bool(torch.isfinite(value).all())
+
+
 def check_finite(state_dict: Mapping[str, Any], source: str) -> None:
-    """Raise ``ValueError`` naming every floating tensor of ``state_dict`` with a NaN or inf.
+    """Raise ``ValueError`` naming every floating tensor of ``state_dict`` with a NaN or inf
+    (``decoder.anchors``: NaN or -inf; +inf marks its anchors outside the image).
 
     Called before any weight is copied, so a broken file leaves the model untouched.
     """
     broken = [
         key
         for key, value in state_dict.items()
-        if isinstance(value, Tensor)
-        and value.is_floating_point()
-        and not bool(torch.isfinite(value).all())
+        if isinstance(value, Tensor) and value.is_floating_point() and _not_finite(key, value)
     ]
     if broken:
         raise ValueError(
