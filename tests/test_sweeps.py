@@ -135,6 +135,14 @@ def test_slurm_launcher_runs_one_task_per_device_under_lightnings_slurm_environm
              "SLURM_LOCALID": "3", "SLURM_NODEID": "1", "SLURM_NODELIST": "gpu[01-02]"}  # fmt: skip
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
+    # The trainer sets the process-wide rank that rank-zero-only code reads: put it back after,
+    # or every later test in this process logs nothing (its loggers think they are rank 11).
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning.pytorch.utilities import rank_zero as pytorch_rank_zero
+    from lightning_utilities.core import rank_zero as utilities_rank_zero
+
+    for module in (fabric_rank_zero, pytorch_rank_zero, utilities_rank_zero):
+        monkeypatch.setattr(module.rank_zero_only, "rank", module.rank_zero_only.rank)
     trainer = instantiate(cfg.trainer, accelerator="cpu", logger=False, enable_checkpointing=False)
     env = trainer.strategy.cluster_environment
     assert isinstance(env, SLURMEnvironment) and env.creates_processes_externally
