@@ -63,8 +63,8 @@ _CLASS_DEPENDENT = re.compile(
 )
 # Buffers precomputed for one eval size (SPEC §4); a model built for another size, or for none,
 # legitimately differs here.
-EVAL_SIZE_BUFFERS = frozenset({"decoder.anchors", "decoder.valid_mask"})
 _ANCHORS = "decoder.anchors"
+EVAL_SIZE_BUFFERS = frozenset({_ANCHORS, "decoder.valid_mask"})
 
 _MAX_LISTED = 12
 

@@ -174,7 +174,7 @@ class RTDETRModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip as the trainer says (SPEC §9: global norm 0.1), also with the fused optimizer
+        """Clip as the trainer says (the recipe: global norm 0.1), also with the fused optimizer
         under mixed precision (:func:`rtdetr_lit.optim.clip_gradients`)."""
         precision = self.trainer.precision_plugin
         clip_gradients(

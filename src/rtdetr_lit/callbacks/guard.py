@@ -40,9 +40,10 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         finite = not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None and not finite else None
         if finite:
             self.consecutive = 0
-        elif scaler is not None and scaler.get_scale() >= 1.0:
+        elif scale is not None and scale >= 1.0:
             # 16-mixed: the loss scale made the gradients overflow. The scaler skips this update
             # itself and halves the scale; not a sign of a broken run unless the scale keeps
             # falling below 1, where an overflow means the true gradients are not finite.
@@ -50,7 +51,7 @@ class NonFiniteGuard(L.Callback):
                 "step %d: gradients overflowed at loss scale %g; the gradient scaler skips this "
                 "update and lowers the scale",
                 trainer.global_step,
-                scaler.get_scale(),
+                scale,
             )
         else:
             optimizer.zero_grad(set_to_none=True)
