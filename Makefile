@@ -43,9 +43,7 @@ format: install ## apply ruff fixes and formatting
 	$(BIN)/ruff format src tests scripts
 
 bench: install ## run the benchmark scripts (numbers go to BENCHMARKS.md)
-	@set -e; for b in scripts/bench_*.py; do \
-	  [ -e "$$b" ] || { echo "no benchmark scripts yet"; break; }; \
-	  echo "== $$b"; $(BIN)/python $$b; done
+	@set -e; for b in scripts/bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b; done
 
 clean: ## remove build artefacts and caches (keeps .venv and data/)
 	rm -rf build dist .pytest_cache .ruff_cache src/*.egg-info

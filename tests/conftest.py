@@ -20,7 +20,7 @@ from rtdetr_lit.config import CONFIG_DIR, register_schemas
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# Layouts of the reference checkpoints (copied from shared/reference: a clean clone has them).
+# State-dict layouts of the reference checkpoints (name, shape, dtype; docs/rtdetrv2.md §10).
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 
@@ -62,9 +62,7 @@ def cfg_eval(tmp_path: Path) -> Iterator[DictConfig]:
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """``shared/reference``: state-dict layouts of the reference checkpoints."""
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"reference layouts not found at {REFERENCE_DIR}")
+    """``tests/reference``: state-dict layouts of the reference checkpoints."""
     return REFERENCE_DIR
 
 

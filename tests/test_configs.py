@@ -77,9 +77,9 @@ def test_eval_config_composes() -> None:
     assert cfg.model.net.name == "r50"
 
 
-# SPEC §1 and §9, one row per size: backbone depth, encoder hidden/FFN/expansion, decoder layers,
-# eval_idx, freeze_at, freeze_norm, backbone lr, epochs, aug stop epoch, multi-scale,
-# discrete fine-tuning epochs and stop epoch.
+# docs/rtdetrv2.md §1 and §9, one row per size: backbone depth, encoder hidden/FFN/expansion,
+# decoder layers, eval_idx, freeze_at, freeze_norm, backbone lr, epochs, aug stop epoch,
+# multi-scale, discrete fine-tuning epochs and stop epoch.
 SPEC_SIZES = {
     "r18": (18, 256, 1024, 0.5, 3, -1, -1, False, 1e-4, 120, 117, False, 36, 33),
     "r34": (34, 256, 1024, 0.5, 4, -1, -1, False, 5e-5, 120, 117, True, 12, 10),
@@ -101,7 +101,7 @@ def test_model_sizes_carry_spec_hyper_parameters(size: str) -> None:
     )  # fmt: skip
     assert got == SPEC_SIZES[size]
     assert net.name == size
-    # Shared by every size (SPEC §1, §9).
+    # Shared by every size (docs/rtdetrv2.md §1, §9).
     assert (net.num_queries, net.num_denoising) == (300, 100)
     assert (net.label_noise_ratio, net.box_noise_scale) == (0.5, 1.0)
     assert list(net.num_points) == [4, 4, 4]

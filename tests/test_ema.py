@@ -1,4 +1,4 @@
-"""The EMA callback: SPEC §9 decay ramp, integer state, checkpoints, restart."""
+"""The EMA callback: docs/rtdetrv2.md §9 decay ramp, integer state, checkpoints, restart."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Discrete fine-tuning (SPEC §0.5, §9), sampling layouts through Hydra, the discrete experiments.
+"""Discrete fine-tuning (docs/rtdetrv2.md §0.5, §9), sampling layouts through Hydra, the discrete
+experiments.
 
 The staged runs use the demo model at 128x128 on the tiny in-memory dataset of test_module.py:
 two optimizer steps of one image per epoch, no validation.
@@ -6,7 +7,6 @@ two optimizer steps of one image per epoch, no validation.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -16,13 +16,10 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader
 
-from rtdetr_lit import create_model
 from rtdetr_lit.callbacks import EMA, DiscreteFinetune
 from rtdetr_lit.config import CONFIG_DIR, ConfigError
-from rtdetr_lit.eval import evaluate
 from rtdetr_lit.optim import restart_warmup, warmup_schedule
 from rtdetr_lit.utils import prepare_run
 from tests.conftest import compose_config
@@ -380,69 +377,3 @@ def test_init_from_is_a_plain_model_key(tmp_path: Path) -> None:
     cfg = compose_config("train", [f"model.init_from={tmp_path / 'w.pth'}"])
     loaded = instantiate(cfg.model).net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
-
-
-# -- speed tuning without retraining ---------------------------------------------------------
-def _load_script(name: str, monkeypatch: pytest.MonkeyPatch):
-    scripts = CONFIG_DIR.parent / "scripts"
-    monkeypatch.syspath_prepend(str(scripts))  # as `python scripts/<name>.py` has it
-    spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_speed_accuracy_overrides_may_follow_its_list_options(monkeypatch: pytest.MonkeyPatch):
-    """The README's ``--eval-idx 0 2 --methods discrete ckpt_path=last.ckpt``: the override is not
-    a third value of ``--methods``; the ``--`` form gives the same."""
-    script = _load_script("speed_accuracy", monkeypatch)
-    options = ["--eval-idx", "0", "2", "--methods", "discrete"]
-    for argv in ([*options, "ckpt_path=last.ckpt"], [*options, "--", "ckpt_path=last.ckpt"]):
-        args, overrides = script.parse_args(argv)
-        assert (args.eval_idx, args.methods) == ([0, 2], ["discrete"])
-        assert overrides == ["ckpt_path=last.ckpt"]
-    # Overrides anywhere (+key, ~key too), in their order; Hydra's own options pass on; negative
-    # indices stay indices; after `--` even an option-like word is passed on.
-    args, overrides = script.parse_args(
-        ["model=r18", "--eval-idx", "-1", "+x=1", "~y", "--runs", "3", "--cfg", "job", "--", "-z"]
-    )
-    assert (args.eval_idx, args.runs) == ([-1], 3)
-    assert overrides == ["--cfg", "job", "model=r18", "+x=1", "~y", "-z"]
-    with pytest.raises(SystemExit):  # the choices are still checked
-        script.parse_args(["--methods", "nearest", "ckpt_path=last.ckpt"])
-
-
-@pytest.mark.slow  # five validation passes and a dozen timed passes: about 20 s of CPU
-def test_speed_accuracy_sweeps_eval_idx_and_sampling_on_a_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    script = _load_script("speed_accuracy", monkeypatch)
-    torch.manual_seed(0)
-    net = create_model("demo", num_classes=6, eval_spatial_size=(128, 128))
-    torch.save({"model": net.state_dict()}, tmp_path / "demo.pth")
-    args, overrides = script.parse_args(
-        ["--eval-idx", "0", "-1", "--runs", "2", "--warmup", "1", f"ckpt_path={tmp_path}/demo.pth",
-         f"paths.output_dir={tmp_path}/out", f"paths.data_dir={tmp_path}/data",
-         "data.synthetic.num_train=1", "data.synthetic.num_val=4", "data.num_workers=0",
-         "data.image_size=[128,128]", "trainer.accelerator=cpu", "extras.print_config=false"]
-    )  # fmt: skip
-    assert args.eval_idx == [0, -1] and args.methods == ["grid_sample", "discrete"]
-    cfg = compose_config("eval", overrides)
-    rows = script.run(cfg, args)
-
-    assert [(r["sampling"], r["eval_idx"], r["decoder_layers"]) for r in rows] == [
-        ("grid_sample", 0, 1), ("grid_sample", -1, 3), ("discrete", 0, 1), ("discrete", -1, 3)
-    ]  # fmt: skip
-    for r in rows:
-        assert 0.0 <= r["mAP"] <= r["mAP_50"] <= 1.0
-        assert 0 < r["latency_min_ms"] <= r["latency_ms"]
-    table = (tmp_path / "out" / "speed_accuracy.csv").read_text().splitlines()
-    assert table[0] == ",".join(script.COLUMNS) and len(table) == 5
-    assert table[2].startswith("grid_sample,-1,3,")
-    with Image.open(tmp_path / "out" / "speed_accuracy.png") as picture:
-        assert picture.size == (900, 600)
-    # The numbers are those of the eval entry point with the same eval_idx and sampling.
-    cfg = compose_config(
-        "eval", [*overrides, "model.net.eval_idx=0", "model.net.sampling_method=discrete"]
-    )
-    assert evaluate(cfg)["val/mAP"] == pytest.approx(rows[2]["mAP"], abs=1e-6)

@@ -1,4 +1,4 @@
-"""Optimizer groups and learning-rate schedules (SPEC §9)."""
+"""Optimizer groups and learning-rate schedules (docs/rtdetrv2.md §9)."""
 
 from __future__ import annotations
 

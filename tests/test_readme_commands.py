@@ -426,8 +426,8 @@ def _with_argv(argv: list[str], main: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-# Scripts that hand Hydra overrides on: the config they compose and the overrides, from what
-# their parser returned (as their ``main`` does it).
+# Programs (scripts and ``python -m`` modules) that hand Hydra overrides on: the config they compose
+# and the overrides, from what their parser returned (as their ``main`` does it).
 _SCRIPT_OVERRIDES: dict[str, tuple[str, Callable[[Any], list[str]]]] = {
     "speed_accuracy": ("eval", lambda parsed: ["task_name=speed_accuracy", *parsed[1]]),
     "show_augmentations": ("train", lambda parsed: [f"data={parsed.data}", *parsed.overrides]),
@@ -453,18 +453,17 @@ def check_command(command: Command, my_configs: Path) -> None:
         args = ["--help"]
     what = f"{command.program} {shlex.join(args)}"
     if module:
-        main = importlib.import_module(module).main
-        parse_with_program(_with_argv([module, *args], main), what)
-        return
-    path = REPO / command.program.split()[1]
-    assert path.is_file(), f"{command.program}: no such script"
-    script = load_script(path)
-    if hasattr(script, "parse_args"):  # the script's own parse function
-        parsed = parse_with_program(lambda: script.parse_args(args), what, in_main=False)
+        program, name, argv0 = importlib.import_module(module), module.rpartition(".")[2], module
     else:
-        parsed = parse_with_program(_with_argv([str(path), *args], script.main), what)
-    if parsed is not None and path.stem in _SCRIPT_OVERRIDES:
-        config, overrides = _SCRIPT_OVERRIDES[path.stem]
+        path = REPO / command.program.split()[1]
+        assert path.is_file(), f"{command.program}: no such script"
+        program, name, argv0 = load_script(path), path.stem, str(path)
+    if hasattr(program, "parse_args"):  # the program's own parse function
+        parsed = parse_with_program(lambda: program.parse_args(args), what, in_main=False)
+    else:
+        parsed = parse_with_program(_with_argv([argv0, *args], program.main), what)
+    if parsed is not None and name in _SCRIPT_OVERRIDES:
+        config, overrides = _SCRIPT_OVERRIDES[name]
         compose_command(config, overrides(parsed))
 
 
@@ -541,7 +540,7 @@ def test_the_readme_commands_are_found() -> None:
     texts = {c.text for c in ALL_COMMANDS}
     # one of each kind, as written
     assert {
-        "python scripts/speed_accuracy.py --eval-idx 0 2 --methods discrete ckpt_path=last.ckpt",
+        "python -m rtdetr_lit.speed_accuracy --eval-idx 0 2 --methods discrete ckpt_path=last.ckpt",
         "python -m rtdetr_lit.train experiment=rtdetrv2_r50_coco_discrete "
         "model.init_from=<best.ckpt>",
         "python -m rtdetr_lit.convert --from hf --model r50 model.safetensors r50.pth "
@@ -560,10 +559,10 @@ def test_a_command_its_parser_refuses_fails_the_check(one_hydra: None, my_config
         "python -m rtdetr_lit.train trainer.max_epoch=3": "max_epoch",  # no such key
         "python -m rtdetr_lit.train -x": "-x",  # no such Hydra option
         "python -m rtdetr_lit.convert --from ref --model r18 a.pth b.pth": "invalid choice",
-        "python scripts/speed_accuracy.py --methods nearest ckpt_path=a.ckpt": "invalid choice",
+        "python -m rtdetr_lit.speed_accuracy --methods nearest ckpt_path=a.ckpt": "invalid choice",
         "python scripts/make_synthetic.py --num-train many": "invalid int value",
         # the Hydra overrides that a script hands on are composed too
-        "python scripts/speed_accuracy.py ckpt_path=a.ckpt experiment=r18_coco": "r18_coco",
+        "python -m rtdetr_lit.speed_accuracy ckpt_path=a.ckpt experiment=r18_coco": "r18_coco",
         "python scripts/show_augmentations.py data.batch_sise=2": "batch_sise",
         "make nonsense": "No rule to make target",
     }
@@ -942,7 +941,7 @@ def cpu_twin(command: Command, ws: Workspace, cwd: Path) -> list[str]:
         _convert_input(args, cwd)
         return [*program, *args]
 
-    script = Path(command.program.split()[1]).stem
+    script = module.rpartition(".")[2] if module else Path(command.program.split()[1]).stem
     if script in _SCRIPT_OVERRIDES:
         # the script's options as written (sizes cut), then its Hydra overrides scaled
         config = _SCRIPT_OVERRIDES[script][0]

@@ -1,8 +1,8 @@
 """Read checkpoint files safely and turn reference RT-DETRv2 checkpoints into our state dicts.
 
 Our detector's state-dict keys are, by design, exactly the reference implementation's keys
-(``backbone.*``, ``encoder.*``, ``decoder.*``; see SPEC §10), so converting a reference checkpoint
-is selection plus validation:
+(``backbone.*``, ``encoder.*``, ``decoder.*``; see docs/rtdetrv2.md §10), so converting a reference
+checkpoint is selection plus validation:
 
 1. :func:`load_checkpoint_file` reads ``.pth``/``.pt``/``.ckpt``/``.bin`` with
    ``torch.load(weights_only=True)`` and ``.safetensors`` with safetensors; neither can run code.
@@ -52,7 +52,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The zoo sizes of SPEC §1.
+# The zoo sizes of docs/rtdetrv2.md §1.
 MODEL_NAMES: tuple[str, ...] = ("r18", "r34", "r50m", "r50", "r101")
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -61,8 +61,8 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 _CLASS_DEPENDENT = re.compile(
     r"decoder\.(enc_score_head|dec_score_head\.\d+)\.(weight|bias)|decoder\.denoising_class_embed\.weight"
 )
-# Buffers precomputed for one eval size (SPEC §4); a model built for another size, or for none,
-# legitimately differs here.
+# Buffers precomputed for one eval size (docs/rtdetrv2.md §4); a model built for another size, or
+# for none, legitimately differs here.
 _ANCHORS = "decoder.anchors"
 EVAL_SIZE_BUFFERS = frozenset({_ANCHORS, "decoder.valid_mask"})
 
@@ -289,7 +289,7 @@ def convert_reference_state_dict(
             with the checkpoint's own number of classes and used as the target.
 
     Returns:
-        A :class:`ConversionResult`; keys equal the reference keys (SPEC §10).
+        A :class:`ConversionResult`; keys equal the reference keys (docs/rtdetrv2.md §10).
     """
     check_model_name(name)
     state = extract_state_dict(obj)

@@ -1,7 +1,7 @@
 """Export a checkpoint to ONNX: ``python -m rtdetr_lit.export ckpt_path=PATH [model=... data=...]``.
 
-The graph holds the whole detector with its post-processing (SPEC §8), RepVGG blocks and conv+BN
-pairs fused (``RTDETR.deploy``):
+The graph holds the whole detector with its post-processing (docs/rtdetrv2.md §8), RepVGG blocks and
+conv+BN pairs fused (``RTDETR.deploy``):
 
 * inputs ``images`` float (N, 3, H, W) in [0, 1] at the fixed ``image_size``, and
   ``orig_target_sizes`` int64 (N, 2) as (width, height) of the original pictures;

@@ -2,7 +2,7 @@
 
 Thin glue: the detector, the criterion and the post-processor are plain modules injected by the
 Hydra config (``conf/model/_default.yaml``); this class wires them to the Trainer, builds the
-optimizer groups of SPEC §9 and computes COCO mAP with torchmetrics.
+optimizer groups of docs/rtdetrv2.md §9 and computes COCO mAP with torchmetrics.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def _coco_map() -> MeanAveragePrecision:
     metric = MeanAveragePrecision(
         box_format="xyxy", iou_type="bbox", class_metrics=True, backend=backend
     )
-    # COCO keeps each image's 100 best-scoring detections: more (300 here, SPEC §8) is expected.
+    # COCO keeps each image's 100 best-scoring detections: more (300 here, docs/rtdetrv2.md §8) is
+    # expected.
     metric.warn_on_many_detections = False
     return metric
 
@@ -73,11 +74,11 @@ class RTDETRModule(L.LightningModule):
     Args:
         net: the detector (``rtdetr_lit.create_model``).
         criterion: ``RTDETRCriterion``; returns a dict of already weighted loss terms.
-        postprocessor: ``RTDETRPostProcessor`` (SPEC §8).
+        postprocessor: ``RTDETRPostProcessor`` (docs/rtdetrv2.md §8).
         optimizer: a partial taking ``params`` (e.g. ``torch.optim.AdamW``).
         scheduler: a partial taking ``optimizer`` and ``total_steps``; stepped every iteration.
-        backbone_lr: learning rate of the backbone (SPEC §9); ``None`` = the optimizer's lr.
-        no_weight_decay_on_bias: also no weight decay on encoder/decoder biases (M*).
+        backbone_lr: learning rate of the backbone (docs/rtdetrv2.md §9); ``None`` = the optimizer's
+        lr. no_weight_decay_on_bias: also no weight decay on encoder/decoder biases (M*).
         init_from: a checkpoint whose weights initialise ``net`` (EMA weights when present);
             a Lightning checkpoint of this module, a converted file or a reference checkpoint.
         category_ids: dataset category id of each contiguous label, for results and metrics;

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and learning-rate schedules (SPEC §9)."""
+"""Optimizer parameter groups and learning-rate schedules (docs/rtdetrv2.md §9)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def build_param_groups(
     backbone_lr: float | None = None,
     no_weight_decay_on_bias: bool = False,
 ) -> list[dict[str, Any]]:
-    """Split ``net``'s trainable parameters into AdamW groups (SPEC §9).
+    """Split ``net``'s trainable parameters into AdamW groups (docs/rtdetrv2.md §9).
 
     * parameters under ``net.backbone`` train at ``backbone_lr`` (the scale-adaptive part);
     * parameters of normalisation layers get no weight decay;
@@ -111,9 +111,9 @@ def warmup_schedule(
     """Linear warmup by optimizer step, then ``constant`` (the reference recipe), ``cosine`` or
     ``multistep``. Meant to step every iteration.
 
-    The warmup factor is ``min(1, (step + 1) / warmup_steps)`` (SPEC §9). ``cosine`` decays to
-    ``min_lr_ratio`` at ``total_steps``; ``multistep`` multiplies by ``gamma`` at each of the
-    ``milestones`` (steps). :func:`restart_warmup` begins a new warmup later on.
+    The warmup factor is ``min(1, (step + 1) / warmup_steps)`` (docs/rtdetrv2.md §9). ``cosine``
+    decays to ``min_lr_ratio`` at ``total_steps``; ``multistep`` multiplies by ``gamma`` at each of
+    the ``milestones`` (steps). :func:`restart_warmup` begins a new warmup later on.
     """
     if policy not in ("constant", "cosine", "multistep"):
         raise ValueError(f"scheduler policy must be constant, cosine or multistep, not {policy!r}")
@@ -126,7 +126,8 @@ def warmup_schedule(
 def restart_warmup(scheduler: LambdaLR, warmup_steps: int) -> None:
     """Begin a new linear warmup of ``warmup_steps`` at the scheduler's current step, and apply
     its first factor ``1 / warmup_steps`` to the optimizer right away (discrete fine-tuning,
-    SPEC §9). The ``cosine``/``multistep`` part keeps counting steps from the start of training.
+    docs/rtdetrv2.md §9). The ``cosine``/``multistep`` part keeps counting steps from the start of
+    training.
 
     Raises:
         TypeError: ``scheduler`` was not made by :func:`warmup_schedule`.

@@ -1,4 +1,5 @@
-"""The data module owns the epoch-dependent policy (SPEC §9), and the epoch reaches the workers."""
+"""The data module owns the epoch-dependent policy (docs/rtdetrv2.md §9), and the epoch reaches the
+workers."""
 
 from __future__ import annotations
 

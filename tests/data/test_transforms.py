@@ -1,4 +1,4 @@
-"""The albumentations pipeline of SPEC §9 and the transforms written for it."""
+"""The albumentations pipeline of docs/rtdetrv2.md §9 and the transforms written for it."""
 
 from __future__ import annotations
 

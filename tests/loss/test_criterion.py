@@ -277,10 +277,10 @@ def test_builds_from_the_model_config():
 
 
 def test_final_and_auxiliary_terms_match_hf_rt_detr_loss():
-    """HF's RTDetrLoss (its defaults equal SPEC §7) on the same outputs and targets.
+    """HF's RTDetrLoss (its defaults equal docs/rtdetrv2.md §7) on the same outputs and targets.
 
     Compared where the two agree: the last decoder layer and the auxiliary layers. (Encoder and
-    denoising terms differ by design: SPEC §7.)
+    denoising terms differ by design: docs/rtdetrv2.md §7.)
     """
     from transformers import RTDetrV2Config
     from transformers.loss.loss_rt_detr import RTDetrLoss

@@ -29,7 +29,7 @@ def _randomise_norms(module: nn.Module) -> None:
 
 @pytest.mark.parametrize(
     ("size", "depth", "frozen"),
-    [("r18", 18, False), ("r50", 50, True)],  # SPEC §2: S trains its BN, L freezes it
+    [("r18", 18, False), ("r50", 50, True)],  # docs/rtdetrv2.md §2: S trains its BN, L freezes it
 )
 def test_state_dict_matches_reference(size: str, depth: int, frozen: bool) -> None:
     reference = reference_shapes(size, "backbone.")

@@ -18,7 +18,7 @@ from rtdetr_lit.models.encoder import HybridEncoder, sincos_pos_embed_2d
 
 from ..conftest import reference_shapes
 
-# (reference size, backbone channels, CSP expansion) of S and L (SPEC §1).
+# (reference size, backbone channels, CSP expansion) of S and L (docs/rtdetrv2.md §1).
 CONFIGS = [("r18", [128, 256, 512], 0.5), ("r50", [512, 1024, 2048], 1.0)]
 
 

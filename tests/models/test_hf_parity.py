@@ -48,7 +48,7 @@ def _hf_config(name: str, method: str) -> transformers.RTDetrV2Config:
         encoder_in_channels=[128, 256, 512],
         hidden_expansion=0.5,
         decoder_layers=3,
-        freeze_backbone_batch_norms=False,  # S trains its backbone BN (SPEC §2)
+        freeze_backbone_batch_norms=False,  # S trains its backbone BN (docs/rtdetrv2.md §2)
         **extra,
     )
 
@@ -135,7 +135,8 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str, ties: int = 
 
 # (name, method, input H x W, our eval size). A matching eval size exercises the cached anchors and
 # positional embedding; 640 makes ours compute both for the input size, as HF always does. HF is
-# row-major correct for non-square inputs (unlike the reference, SPEC §3): 128x192 must agree too.
+# row-major correct for non-square inputs (unlike the reference, docs/rtdetrv2.md §3): 128x192 must
+# agree too.
 EVAL_CASES = [
     ("r18", "grid_sample", (128, 128), (128, 128)),
     ("r18", "discrete", (128, 128), (128, 128)),
@@ -189,7 +190,8 @@ def _targets() -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize(("name", "method"), [("r18", "grid_sample"), ("r50", "discrete")])
 def test_training_outputs_with_denoising_match_hf(name, method):
-    """Same seed before each forward (SPEC §6 draw order): final, aux, encoder and dn outputs."""
+    """Same seed before each forward (docs/rtdetrv2.md §6 draw order): final, aux, encoder and dn
+    outputs."""
     hf, ours = _pair(name, method)
     hf.train()
     ours.train()
@@ -230,7 +232,8 @@ def test_training_outputs_with_denoising_match_hf(name, method):
 
 
 def test_look_forward_twice_is_where_hf_differs():
-    """SPEC §4: layer 1's box loss trains layer 0's box head in ours (reference), not in HF.
+    """docs/rtdetrv2.md §4: layer 1's box loss trains layer 0's box head in ours (reference), not in
+    HF.
 
     The forward values are identical (previous box and detached reference hold the same numbers,
     see the training test); only the gradient path differs.

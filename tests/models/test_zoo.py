@@ -1,4 +1,5 @@
-"""create_model for every size: SPEC §1 parameter counts, reference layout, forward, backward."""
+"""create_model for every size: docs/rtdetrv2.md §1 parameter counts, reference layout, forward,
+backward."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from rtdetr_lit.models import MODEL_SIZES
 
 from ..conftest import reference_layout
 
-# SPEC §1: exact parameter totals of the reference modules with 80 classes.
+# docs/rtdetrv2.md §1: exact parameter totals of the reference modules with 80 classes.
 SPEC_PARAMS = {
     "r18": 20_184_464,
     "r34": 31_441_668,

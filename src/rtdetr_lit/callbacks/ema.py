@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights with RT-DETR's warm-up ramp (SPEC §9)."""
+"""Exponential moving average of the weights with RT-DETR's warm-up ramp (docs/rtdetrv2.md §9)."""
 
 from __future__ import annotations
 

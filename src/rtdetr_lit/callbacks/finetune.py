@@ -1,4 +1,5 @@
-"""The discrete fine-tuning stage (SPEC §0.5, §9): grid_sample -> discrete sampling mid-training."""
+"""The discrete fine-tuning stage (docs/rtdetrv2.md §0.5, §9): grid_sample -> discrete sampling
+mid-training."""
 
 from __future__ import annotations
 

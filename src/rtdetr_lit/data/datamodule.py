@@ -1,8 +1,8 @@
 """LightningDataModules for COCO-format, synthetic and YOLO-format datasets.
 
-The data module owns the epoch-dependent augmentation policy (SPEC §9): the training sampler
-tags every sample with its epoch, the dataset picks the pipeline from it and the collate function
-the multi-scale size. ``batch_size`` is global: each of the ``world_size`` processes loads
+The data module owns the epoch-dependent augmentation policy (docs/rtdetrv2.md §9): the training
+sampler tags every sample with its epoch, the dataset picks the pipeline from it and the collate
+function the multi-scale size. ``batch_size`` is global: each of the ``world_size`` processes loads
 ``batch_size / world_size`` images per step.
 """
 
@@ -60,8 +60,9 @@ class CocoDataModule(L.LightningDataModule):
         skip_bad_annotations: leave out (and count) broken annotations, boxes with a non-finite
             or non-numeric coordinate (YOLO: label lines that are not a class and 4 finite
             numbers), instead of stopping at set-up.
-        augment: ``AugmentConfig`` fields (SPEC §9 training augmentation and its stop epoch).
-        multiscale: ``enabled``, ``sizes`` and ``stop_epoch`` of the per-batch random resize.
+        augment: ``AugmentConfig`` fields (docs/rtdetrv2.md §9 training augmentation and its stop
+        epoch). multiscale: ``enabled``, ``sizes`` and ``stop_epoch`` of the per-batch random
+        resize.
     """
 
     def __init__(

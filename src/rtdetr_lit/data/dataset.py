@@ -1,11 +1,11 @@
 """The detection dataset, the epoch-carrying samplers and the multi-scale collate function.
 
-The augmentation policy depends on the epoch (SPEC §9), and the transforms run in DataLoader worker
-processes that may live across epochs (``persistent_workers``). Rather than sharing mutable state
-with the workers, the training sampler hands out ``(epoch, index)`` keys: the epoch travels with
-every sample into whichever process loads it, and on into the collate function. Lightning calls
-``set_epoch`` on the sampler before each epoch (it is a ``DistributedSampler``, so Lightning uses it
-as it is under DDP too).
+The augmentation policy depends on the epoch (docs/rtdetrv2.md §9), and the transforms run in
+DataLoader worker processes that may live across epochs (``persistent_workers``). Rather than
+sharing mutable state with the workers, the training sampler hands out ``(epoch, index)`` keys: the
+epoch travels with every sample into whichever process loads it, and on into the collate function.
+Lightning calls ``set_epoch`` on the sampler before each epoch (it is a ``DistributedSampler``, so
+Lightning uses it as it is under DDP too).
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ class MultiScaleCollate:
     """Stack samples into ``(images, targets)``; images float in [0, 1].
 
     While the samples' epoch is below ``stop_epoch``, the whole batch is resized (nearest) to one
-    square size drawn from ``sizes`` (SPEC §9). Boxes are normalised, so they need no change.
+    square size drawn from ``sizes`` (docs/rtdetrv2.md §9). Boxes are normalised, so they need no
+    change.
     """
 
     def __init__(self, sizes: Sequence[int] = (), stop_epoch: int = 0) -> None:

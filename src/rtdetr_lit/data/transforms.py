@@ -1,4 +1,4 @@
-"""The training and validation pipelines of SPEC §9, built from albumentations.
+"""The training and validation pipelines of docs/rtdetrv2.md §9, built from albumentations.
 
 Albumentations has no zoom-out (place the image on a larger empty canvas) and no SSD-style IoU
 crop (pick a crop whose IoU with some box clears a randomly chosen threshold, keep the boxes whose
@@ -95,7 +95,7 @@ class ZoomOut(A.DualTransform):
 
 
 class IoUCrop(A.DualTransform):
-    """SSD-style random crop constrained by the IoU with the boxes (SPEC §9).
+    """SSD-style random crop constrained by the IoU with the boxes (docs/rtdetrv2.md §9).
 
     Repeatedly draw a minimum IoU from ``iou_thresholds``; a draw of 1 or more keeps the image as it
     is. Otherwise try ``trials`` crops of ``min_scale..1`` times the width and height with an aspect
@@ -208,7 +208,8 @@ class DropSmallBoxes(A.DualTransform):
 
 
 def _photometric(p: float) -> list[A.BasicTransform]:
-    """SPEC §9's photometric distortion: each part applied on its own with probability ``p``."""
+    """docs/rtdetrv2.md §9's photometric distortion: each part applied on its own with probability
+    ``p``."""
     return [
         A.ColorJitter(brightness=(0.875, 1.125), contrast=0, saturation=0, hue=0, p=p),
         A.ColorJitter(brightness=0, contrast=(0.5, 1.5), saturation=0, hue=0, p=p),

@@ -1,5 +1,5 @@
 """RT-DETRv2 training losses: VFL + L1 + GIoU on every decoder layer, the encoder selection and
-the denoising queries (SPEC §7)."""
+the denoising queries (docs/rtdetrv2.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hungarian matching of predictions to ground-truth boxes (SPEC §7)."""
+"""Hungarian matching of predictions to ground-truth boxes (docs/rtdetrv2.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PResNet: the ResNet-"vd" backbone of RT-DETRv2 (SPEC §2).
+"""PResNet: the ResNet-"vd" backbone of RT-DETRv2 (docs/rtdetrv2.md §2).
 
 "vd" means a three-conv stem and, in strided stages, an average-pool before the 1x1 projection
 shortcut (so the shortcut sees every input pixel instead of one in four). Attribute names fix the
@@ -180,7 +180,7 @@ class PResNet(nn.Module):
 
         The file may hold a bare backbone state dict, a state dict whose backbone keys start with
         ``backbone.`` (other keys are ignored), or a reference checkpoint with ``ema.module`` or
-        ``model`` (SPEC §10). ``num_batches_tracked`` entries are optional. Raises
+        ``model`` (docs/rtdetrv2.md §10). ``num_batches_tracked`` entries are optional. Raises
         ``FileNotFoundError`` if the file is missing and ``ValueError`` naming missing, unexpected
         or mis-shaped keys.
         """

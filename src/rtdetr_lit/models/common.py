@@ -1,7 +1,7 @@
 """Small building blocks shared by the backbone, the encoder and the decoder.
 
 Module attribute names here (``conv``/``norm``, ``layers``) fix the state-dict keys, which follow
-the reference checkpoint layout (``shared/reference/*.tsv``) so that reference weights load by name.
+the reference checkpoint layout (``tests/reference/*.tsv``) so that reference weights load by name.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""RT-DETRv2 decoder: input projection, query selection, denoising, refining layers (SPEC §4).
+"""RT-DETRv2 decoder: input projection, query selection, denoising, refining layers
+(docs/rtdetrv2.md §4).
 
 Output dict contract of :class:`RTDETRTransformer` (boxes are normalised cxcywh, logits are raw):
 
@@ -61,7 +62,7 @@ def generate_anchors(
 class RTDETRTransformer(nn.Module):
     """The detector's decoder head on top of the hybrid encoder's multi-scale maps.
 
-    State-dict keys follow the reference (``shared/reference/*.tsv`` under ``decoder.``):
+    State-dict keys follow the reference (``tests/reference/*.tsv`` under ``decoder.``):
     ``anchors``/``valid_mask`` (only with ``eval_spatial_size``), ``input_proj.{l}.conv/norm``,
     ``decoder.layers.{i}``, ``denoising_class_embed`` (only with denoising), ``query_pos_head``,
     ``enc_output.proj/norm``, ``enc_score_head``, ``enc_bbox_head``, ``dec_score_head.{i}``,
@@ -76,8 +77,8 @@ class RTDETRTransformer(nn.Module):
         num_levels: memory levels; extra levels beyond the inputs come from 3x3 stride-2 convs.
         num_points: deformable sampling points per level (int or one per level).
         num_heads, num_layers, dim_feedforward, dropout, activation: decoder layer settings.
-        num_denoising, label_noise_ratio, box_noise_scale: contrastive denoising (SPEC §6);
-            ``num_denoising=0`` disables it.
+        num_denoising, label_noise_ratio, box_noise_scale: contrastive denoising (docs/rtdetrv2.md
+        §6);     ``num_denoising=0`` disables it.
         eval_spatial_size: (H, W) input size whose anchors are precomputed as buffers (an int means
             square); other sizes get anchors computed on the fly.
         eval_idx: last decoder layer run at inference (-1 = last); settable later.
@@ -297,7 +298,7 @@ class RTDETRTransformer(nn.Module):
     def _select_queries(
         self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-Q encoder tokens by best class logit (SPEC §4).
+        """Top-Q encoder tokens by best class logit (docs/rtdetrv2.md §4).
 
         Returns:
             content (B, Q, C) detached, reference logits (B, Q, 4) detached, and the selected

@@ -1,4 +1,4 @@
-"""Decoder layer and the iterative box-refinement loop over layers (SPEC §4)."""
+"""Decoder layer and the iterative box-refinement loop over layers (docs/rtdetrv2.md §4)."""
 
 from __future__ import annotations
 

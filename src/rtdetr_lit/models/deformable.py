@@ -1,4 +1,5 @@
-"""Multi-scale deformable attention with a distinct number of sampling points per level (SPEC §5).
+"""Multi-scale deformable attention with a distinct number of sampling points per level
+(docs/rtdetrv2.md §5).
 
 Each query samples ``num_points[l]`` locations on level ``l`` per head, around its reference box,
 and mixes the sampled values with weights that are softmax-normalised jointly over all points of
@@ -276,7 +277,8 @@ class MSDeformableAttention(nn.Module):
         self.set_method(method, discrete_snap)
 
     def reset_parameters(self) -> None:
-        """SPEC §5 init: one direction per head, the k-th point of a level at distance k+1."""
+        """docs/rtdetrv2.md §5 init: one direction per head, the k-th point of a level at distance
+        k+1."""
         nn.init.zeros_(self.sampling_offsets.weight)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(self._offset_bias_init())

@@ -1,4 +1,4 @@
-"""Contrastive denoising queries for training (SPEC §6).
+"""Contrastive denoising queries for training (docs/rtdetrv2.md §6).
 
 Noised copies of the ground-truth boxes are fed to the decoder next to the matching queries. Each
 group holds ``m`` positive queries (small noise, trained to reconstruct the box) followed by ``m``

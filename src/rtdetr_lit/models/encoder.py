@@ -1,4 +1,4 @@
-"""Efficient hybrid encoder of RT-DETRv2 (SPEC §3).
+"""Efficient hybrid encoder of RT-DETRv2 (docs/rtdetrv2.md §3).
 
 Attention runs only inside the coarsest map (AIFI); cross-scale fusion is convolutional (CCFF: a
 top-down then a bottom-up path of CSPRepLayers). Attribute names fix the state-dict keys to the

@@ -1,4 +1,4 @@
-"""Turn decoder outputs into scored, labelled, absolute xyxy detections (SPEC §8).
+"""Turn decoder outputs into scored, labelled, absolute xyxy detections (docs/rtdetrv2.md §8).
 
 No score threshold and no NMS: the top-K (query, class) pairs by sigmoid score are returned, so a
 query may appear several times with different labels.

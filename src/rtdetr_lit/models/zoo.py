@@ -1,4 +1,4 @@
-"""The named model sizes (SPEC §1) and ``create_model``, the one public factory.
+"""The named model sizes (docs/rtdetrv2.md §1) and ``create_model``, the one public factory.
 
 The Hydra ``model=`` configs build through :func:`create_model` too, passing the size's values
 explicitly so they show in the composed config; a test keeps the two in agreement.
@@ -46,7 +46,8 @@ class ModelSpec:
     channels_last: bool = True
 
 
-# SPEC §1. S and M* train their backbone BN; M, L and X freeze the stem and every backbone BN.
+# docs/rtdetrv2.md §1. S and M* train their backbone BN; M, L and X freeze the stem and every
+# backbone BN.
 MODEL_SIZES: dict[str, ModelSpec] = {
     "r18": ModelSpec(18, expansion=0.5, num_decoder_layers=3),
     "r34": ModelSpec(34, expansion=0.5, num_decoder_layers=4),
@@ -97,8 +98,9 @@ def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDET
 
     ``overrides`` replace any :class:`ModelSpec` field, e.g. ``num_points=[4, 2, 1]``,
     ``sampling_method="discrete"``, ``eval_idx=1`` or ``backbone_weights="resnet18.pth"`` (a local
-    file; nothing is downloaded). Weights are randomly initialised as SPEC §4-§5 prescribe and
-    stored channels-last unless ``channels_last=False`` (see :attr:`RTDETR.channels_last`).
+    file; nothing is downloaded). Weights are randomly initialised as docs/rtdetrv2.md §4-§5
+    prescribe and stored channels-last unless ``channels_last=False`` (see
+    :attr:`RTDETR.channels_last`).
     """
     if name not in MODEL_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_SIZES)}")

@@ -1,17 +1,17 @@
 """Training-pipeline throughput: our DataModule beside the same operations in torchvision v2.
 
-    python scripts/bench_data.py [--images 160] [--repeats 7] [hydra overrides ...]
+    python scripts/bench/data.py [--images 160] [--repeats 7] [hydra overrides ...]
 
-Both pipelines decode, augment (SPEC §9, strong phase), resize to 640x640 and collate batches of 8
-in one DataLoader worker process, from the same images in the same order (``TrainSampler``, one
-epoch per timed round):
+Both pipelines decode, augment (docs/rtdetrv2.md §9, strong phase), resize to 640x640 and collate
+batches of 8 in one DataLoader worker process, from the same images in the same order
+(``TrainSampler``, one epoch per timed round):
 
 * ours: the training loader of ``SyntheticDataModule`` (OpenCV decode, the albumentations pipeline
   of ``rtdetr_lit.data.transforms``, ``MultiScaleCollate``; multi-scale off);
 * torchvision: ``torchvision.io.decode_image``, then RandomPhotometricDistort (p 0.5),
-  RandomZoomOut (fill 0, side_range (1, 4), p 0.5), RandomIoUCrop (SPEC §9 options) applied with
-  p 0.8, SanitizeBoundingBoxes (min_size 1), RandomHorizontalFlip, Resize 640x640, ToDtype float
-  (scaled), SanitizeBoundingBoxes, boxes to normalised cxcywh; float images stacked.
+  RandomZoomOut (fill 0, side_range (1, 4), p 0.5), RandomIoUCrop (docs/rtdetrv2.md §9 options)
+  applied with p 0.8, SanitizeBoundingBoxes (min_size 1), RandomHorizontalFlip, Resize 640x640,
+  ToDtype float (scaled), SanitizeBoundingBoxes, boxes to normalised cxcywh; float images stacked.
 
 The images are a synthetic set at COCO's image size (480 to 640 px a side), generated once under
 ``data/synthetic-coco-size``. DataLoader runs torch single-threaded in a worker, and the data
@@ -32,7 +32,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
-from _bench import compare, load, medians, print_header, print_table, setup
+from _bench import compare, load_average, medians, print_header, print_table, setup
 from rtdetr_lit.data.annotations import DetectionAnnotations
 from rtdetr_lit.data.dataset import TrainSampler
 from show_augmentations import compose_train_config
@@ -58,7 +58,8 @@ DATA_OVERRIDES = [
 
 
 class TorchvisionDataset(Dataset):
-    """The SPEC §9 strong training pipeline written with ``torchvision.transforms.v2``."""
+    """The docs/rtdetrv2.md §9 strong training pipeline written with
+    ``torchvision.transforms.v2``."""
 
     def __init__(self, annotations: DetectionAnnotations, image_dir: str, size: tuple[int, int]):
         self.annotations = annotations
@@ -176,7 +177,7 @@ def main() -> None:
         + f"; ours / torchvision = {rates['ours'] / rates['torchvision']:.2f} "
         f"(time ratio {ratios['ours']:.2f})"
     )
-    print(load())
+    print(load_average())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ converted to channels-last (``model.to(memory_format=torch.channels_last)``, a u
 and, for scale, our deploy path under bfloat16 autocast (fast on CPUs with AVX512-BF16; outputs
 change slightly). All cases run interleaved in one process; ratios are to HF as built.
 
-    .venv/bin/python scripts/bench_model.py [--repeats 7] [--profile]
+    .venv/bin/python scripts/bench/model.py [--repeats 7] [--profile]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import copy
 
 import torch
 
-from _bench import compare, hf_twin, load, print_header, print_table, profile_table, setup
+from _bench import compare, hf_twin, load_average, print_header, print_table, profile_table, setup
 from rtdetr_lit import create_model
 
 NUM_CLASSES = 80
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         for case in ("ours grid_sample", "ours discrete", "ours deploy() grid_sample"):
             verdict = "met" if ratios[case] <= TARGET else "NOT met"
             print(f"{case} / HF = {ratios[case]:.2f} (target <= {TARGET}: {verdict})")
-        print(load())
+        print(load_average())
         if args.profile:
             for name in ("HF RTDetrV2 (grid_sample)", "ours grid_sample"):
                 print(f"\n## profile: {name}")

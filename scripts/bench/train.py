@@ -19,7 +19,7 @@ run are dropped. Plain and Lightning runs alternate. Overhead: Lightning / plain
 Part 3: the same demo step through ``Trainer.fit`` with clipping at 0.1, ``precision=bf16-mixed``
 against ``32-true``, alternating. Ratio: bf16-mixed / 32-true.
 
-    .venv/bin/python scripts/bench_train.py [--repeats 3] [--rounds 3] [--profile]
+    .venv/bin/python scripts/bench/train.py [--repeats 3] [--rounds 3] [--profile]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from _bench import (
     compare,
     hf_labels,
     hf_twin,
-    load,
+    load_average,
     optimizer_step,
     print_header,
     print_table,
@@ -55,7 +55,7 @@ from _bench import (
 
 NUM_CLASSES = 80
 TARGET_STEP = 0.8  # ours / HF
-CLIP = 0.1  # SPEC §9, conf/trainer/default.yaml
+CLIP = 0.1  # docs/rtdetrv2.md §9, conf/trainer/default.yaml
 TARGET_OVERHEAD = 0.05  # Lightning / plain - 1
 DEMO_SIZE, BATCH = 256, 2
 BASELINE_STEP, OURS_STEP = "HF RTDetrV2 + its loss", "ours + RTDETRCriterion"
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     bench_step(args.warmup, args.repeats, args.profile)
     bench_lightning(args.steps, skip=2, rounds=args.rounds)
     bench_precision(args.steps, skip=2, rounds=args.rounds)
-    print(load())
+    print(load_average())
 
 
 if __name__ == "__main__":

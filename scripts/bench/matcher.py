@@ -12,7 +12,7 @@ Part 2: the matcher's share of one training step (forward, loss, backward, AdamW
 640x640, batch 2, built from ``conf/model/r18.yaml``. The criterion calls the matcher four
 times per step (final layer, two earlier layers, encoder selection).
 
-    .venv/bin/python scripts/bench_matcher.py [--repeats 20] [--train-repeats 3]
+    .venv/bin/python scripts/bench/matcher.py [--repeats 20] [--train-repeats 3]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 from _bench import (
     build_module,
     compare,
-    load,
+    load_average,
     print_header,
     print_table,
     random_targets,
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"matcher: {module.criterion.matcher}")
     bench_calls(module.criterion.matcher, args.warmup, args.repeats)
     bench_share(module, 1, args.train_repeats)
-    print(load())
+    print(load_average())
 
 
 if __name__ == "__main__":

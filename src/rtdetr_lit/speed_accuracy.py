@@ -1,7 +1,7 @@
-"""Speed tuning without retraining (SPEC §0.3, §0.5): mAP and latency of one checkpoint as the
-number of decoder layers run at inference (``eval_idx``) and the sampling operator change.
+"""Speed tuning without retraining (docs/rtdetrv2.md §0.3, §0.5): mAP and latency of one checkpoint
+as the number of decoder layers run at inference (``eval_idx``) and the sampling operator change.
 
-    python scripts/speed_accuracy.py ckpt_path=PATH [model=... data=... experiment=...]
+    python -m rtdetr_lit.speed_accuracy ckpt_path=PATH [model=... data=... experiment=...]
         [--eval-idx 0 1 2] [--methods grid_sample discrete] [--runs 20] [--device cpu]
 
 The arguments other than the script's ``--`` options are Hydra overrides of ``conf/eval.yaml``, as
@@ -34,9 +34,9 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
-from _bench import compare, load, machine
 from rtdetr_lit.config import CONFIG_DIR, register_schemas
 from rtdetr_lit.models.deformable import SAMPLING_METHODS
+from rtdetr_lit.timing import compare, load_average, machine
 from rtdetr_lit.utils import load_checkpoint_weights, prepare_run
 
 log = logging.getLogger("speed_accuracy")
@@ -136,7 +136,7 @@ def sweep(cfg: DictConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
     # machine slows all points alike.
     net.to(args.device).eval()
     image = torch.rand(1, 3, *cfg.data.image_size, device=args.device)
-    log.info("timing on %s; %s", machine(), load())
+    log.info("timing on %s; %s", machine(), load_average())
     samples = compare(
         {
             f"{r['sampling']} {r['eval_idx']}": partial(

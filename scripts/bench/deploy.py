@@ -8,7 +8,7 @@ after ``deploy()`` (RepVGG and conv+BN folded), "onnxrt" the exported graph unde
 process; ratios are to torch eager grid_sample measured in the same run. Target: ONNX Runtime
 discrete at most 0.7x the torch eager grid_sample latency.
 
-    .venv/bin/python scripts/bench_deploy.py [--warmup 1] [--repeats 5] [--batch-repeats 2]
+    .venv/bin/python scripts/bench/deploy.py [--warmup 1] [--repeats 5] [--batch-repeats 2]
         [--threads 2]
 
 Under load from other processes, fewer threads than cores (``--threads 1``) keeps torch's
@@ -25,7 +25,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from _bench import THREADS, compare, load, medians, print_header, print_table, setup
+from _bench import THREADS, compare, load_average, medians, print_header, print_table, setup
 from rtdetr_lit import create_model
 from rtdetr_lit.export import InferenceModel, export_onnx
 from rtdetr_lit.models import RTDETRPostProcessor
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         verdict = "met" if ratio <= TARGET else "NOT met"
         print(f"onnxrt discrete / {BASELINE} latency, {kind}s: {ratio:.2f} "
               f"(target <= {TARGET}: {verdict})")  # fmt: skip
-    print(load())
+    print(load_average())
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Shared helpers of the ``scripts/bench_*.py`` benchmarks: set-up, timing, machine, models.
+"""Shared helpers of the ``scripts/bench/*.py`` benchmarks: set-up, timing, machine, models.
 
 The machine is small and shared, so every benchmark compares against a baseline measured in the
 same run: :func:`compare` interleaves the candidates round by round (A, B, A, B, ...) so that a
 burst of load from elsewhere hits all of them alike, and reports the median of each. Ratios
 between candidates are the numbers to read; absolute times move with the load.
 
-Usage in a script (``scripts/`` is on ``sys.path`` when a script there runs)::
+Usage in a script (its folder is on ``sys.path`` when a script there runs)::
 
     from _bench import compare, print_header, print_table, setup
 
@@ -13,22 +13,22 @@ Usage in a script (``scripts/`` is on ``sys.path`` when a script there runs)::
     print_header("Model")
     samples = compare({"ours": fn_a, "baseline": fn_b}, warmup=2, repeats=7)
     ratios = print_table(samples, baseline="baseline")  # median, min, paired ratio
-    print(load())  # how busy the machine was by the end
+    print(load_average())  # how busy the machine was by the end
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
+
+from rtdetr_lit.timing import compare, load_average, machine, medians
 
 __all__ = [
     "THREADS",
@@ -36,7 +36,7 @@ __all__ = [
     "compare",
     "hf_labels",
     "hf_twin",
-    "load",
+    "load_average",
     "machine",
     "medians",
     "optimizer_step",
@@ -59,55 +59,11 @@ def setup(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
-def machine() -> str:
-    """One line: CPU model, cores, threads used, Python, torch."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
-    )
-
-
-def load() -> str:
-    """The 1/5/15-minute load averages: above ~2 others compete for the 2 cores."""
-    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def print_header(title: str) -> None:
     print(f"# {title}")
     print(f"machine: {machine()}")
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {load()}")
-
-
-def compare(
-    candidates: Mapping[str, Callable[[], object]], warmup: int = 2, repeats: int = 5
-) -> dict[str, list[float]]:
-    """Wall times in seconds of each callable, measured interleaved in the same run.
-
-    Every candidate runs ``warmup`` untimed calls first (one-off allocations, lazy caches), then
-    ``repeats`` rounds each time every candidate once, in turn. Returns the samples per name.
-    """
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
-
-
-def medians(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
-    return {name: statistics.median(times) for name, times in samples.items()}
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {load_average()}")
 
 
 def print_table(

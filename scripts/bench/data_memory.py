@@ -1,6 +1,6 @@
 """Memory of the training DataLoader over epochs: numpy-array annotations vs lists of dicts.
 
-    python scripts/bench_data_memory.py [--epochs 3] [--workers 2] [hydra overrides ...]
+    python scripts/bench/data_memory.py [--epochs 3] [--workers 2] [hydra overrides ...]
 
 Runs the synthetic training loader of the ``train`` config (``data=synthetic``; persistent
 workers) for ``--epochs`` epochs, then a baseline loader over the same images with the same
