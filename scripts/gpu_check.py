@@ -703,7 +703,12 @@ def onnx_parity(
     from hydra import compose, initialize_config_dir
 
     from rtdetr_lit.config import CONFIG_DIR, register_schemas
-    from rtdetr_lit.export import INPUT_NAMES, build_inference_model, image_size_of
+    from rtdetr_lit.inference import (
+        INPUT_NAMES,
+        build_inference_model,
+        image_size_of,
+        read_checkpoint,
+    )
 
     register_schemas()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -711,7 +716,7 @@ def onnx_parity(
     # TF32 matmuls keep 10 mantissa bits: a parity check compares float32 with float32.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model = build_inference_model(cfg).to(device)
+    model = build_inference_model(cfg, read_checkpoint(cfg.ckpt_path)).to(device)
     height, width = image_size_of(cfg)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, height, width, generator=g)

@@ -22,26 +22,15 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import box_convert
 
-from rtdetr_lit.config import CONFIG_DIR, register_schemas
+from rtdetr_lit.config import compose_config
 from rtdetr_lit.visualize import draw_boxes
 
 _CAPTION_HEIGHT = 24
 _GAP = 6
-
-
-def compose_train_config(overrides: list[str]):
-    """The ``train`` config with ``overrides``, Hydra runtime values (paths) resolvable."""
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 def take_samples(loader, epoch: int, num: int) -> tuple[list, list, list[tuple[int, int]]]:
@@ -121,7 +110,7 @@ def main() -> None:
 
     # Images without objects are expected (negatives); torchvision warns about each.
     warnings.filterwarnings("ignore", message="boxes doesn't contain any box")
-    cfg = compose_train_config([f"data={args.data}", *args.overrides])
+    cfg = compose_config("train", [f"data={args.data}", *args.overrides])
     L.seed_everything(args.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from rtdetr_lit.config import CONFIG_DIR, register_schemas
+from rtdetr_lit.config import compose_config
 
 # Tests never reach the network: HF models are built from configs, data is generated.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,16 +20,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # State-dict layouts of the reference checkpoints (name, shape, dtype; docs/rtdetrv2.md §10).
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
-
-
-def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with ``overrides``, Hydra runtime values included."""
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides or [], return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 def _cpu_sized(cfg: DictConfig, tmp_path: Path) -> DictConfig:

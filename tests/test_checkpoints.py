@@ -12,12 +12,13 @@ import os
 import pytest
 import torch
 
-from rtdetr_lit.checkpoints import (
+from rtdetr_lit.checkpoints import extract_state_dict, load_checkpoint_file
+from rtdetr_lit.convert import (
+    convert_hf_state_dict,
     convert_reference_state_dict,
-    extract_state_dict,
-    load_checkpoint_file,
+    main,
+    to_hf_state_dict,
 )
-from rtdetr_lit.convert import convert_hf_state_dict, main, to_hf_state_dict
 
 from .conftest import random_state, reference_layout
 
@@ -378,8 +379,8 @@ def test_anchors_outside_the_image_are_inf_by_design_and_load(tmp_path):
     """A model built for 640 px, like every reference checkpoint, holds +inf anchors where an
     anchor leaves the image: its files convert, evaluate and resume; NaN there is refused."""
     from rtdetr_lit import create_model
-    from rtdetr_lit.checkpoint_io import SafeCheckpointIO
     from rtdetr_lit.checkpoints import check_finite, load_model_weights
+    from rtdetr_lit.plugins import SafeCheckpointIO
 
     state = create_model("r18").state_dict()
     assert torch.isposinf(state["decoder.anchors"]).any()

@@ -38,12 +38,12 @@ from torch.overrides import TorchFunctionMode
 import rtdetr_lit
 from rtdetr_lit.callbacks import EMA, DiscreteFinetune, NonFiniteGuard, PredictionPictures
 from rtdetr_lit.callbacks.resume import RandomState
-from rtdetr_lit.checkpoint_io import SafeCheckpointIO
 from rtdetr_lit.checkpoints import load_checkpoint_file
-from rtdetr_lit.export import InferenceModel
+from rtdetr_lit.inference import InferenceModel
 from rtdetr_lit.loss import HungarianMatcher, RTDETRCriterion
 from rtdetr_lit.models.deformable import MSDeformableAttention
 from rtdetr_lit.models.denoising import get_contrastive_denoising_training_group
+from rtdetr_lit.plugins import SafeCheckpointIO
 from rtdetr_lit.predict import _torch_detector
 from tests.conftest import SMALL_SYNTHETIC, compose_config
 

@@ -18,12 +18,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from rtdetr_lit.checkpoint_io import SafeCheckpointIO
 from rtdetr_lit.config import ConfigError
 from rtdetr_lit.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
-from rtdetr_lit.sync_batchnorm import AllReduceBatchNorm, SyncBatchNormCPU
+from rtdetr_lit.plugins import AllReduceBatchNorm, SafeCheckpointIO, SyncBatchNormCPU
+from rtdetr_lit.run import check_launch
 from rtdetr_lit.train import train
-from rtdetr_lit.utils import check_launch
 
 from .conftest import compose_config
 

@@ -17,12 +17,12 @@ from scipy.optimize import linear_sum_assignment
 
 from rtdetr_lit import create_model
 from rtdetr_lit.config import ConfigError
-from rtdetr_lit.export import (
+from rtdetr_lit.export import export, export_onnx
+from rtdetr_lit.inference import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     InferenceModel,
-    export,
-    export_onnx,
+    read_checkpoint,
     resolve_classes,
 )
 from rtdetr_lit.models import RTDETRPostProcessor
@@ -263,18 +263,19 @@ def test_class_names_from_the_data_config(tmp_path):
     cfg = entry_config(
         "export", tmp_path, [f"ckpt_path={ckpt}", "data=custom", f"data.root={root}"]
     )
-    classes = resolve_classes(cfg, NUM_CLASSES)
+    classes = resolve_classes(cfg, read_checkpoint(ckpt), NUM_CLASSES)
     # contiguous labels follow increasing category id
     assert classes.names == ("pear", "apple") and classes.category_ids == (4, 11)
     cfg = entry_config(
         "export", tmp_path, [f"ckpt_path={ckpt}", "data=custom", f"data.root={tmp_path}"]
     )
-    assert resolve_classes(cfg, NUM_CLASSES).names == ("class 0", "class 1")
+    assert resolve_classes(cfg, read_checkpoint(ckpt), NUM_CLASSES).names == ("class 0", "class 1")
     with pytest.raises(ConfigError, match="gives 2 class names but the model has 3 classes"):
         resolve_classes(
             entry_config(
                 "export", tmp_path, [f"ckpt_path={ckpt}", "data=custom", f"data.root={root}"]
             ),
+            read_checkpoint(ckpt),
             3,
         )
 

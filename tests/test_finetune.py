@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from rtdetr_lit.callbacks import EMA, DiscreteFinetune
 from rtdetr_lit.config import CONFIG_DIR, ConfigError
 from rtdetr_lit.optim import restart_warmup, warmup_schedule
-from rtdetr_lit.utils import prepare_run
+from rtdetr_lit.run import prepare_run
 from tests.conftest import compose_config
 from tests.test_module import _collate, _DataModule, _module, _Squares, _trainer
 

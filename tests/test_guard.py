@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from rtdetr_lit.callbacks import NonFiniteGuard
-from rtdetr_lit.checkpoint_io import SafeCheckpointIO
+from rtdetr_lit.plugins import SafeCheckpointIO
 
 
 class _Poisoned(L.LightningModule):

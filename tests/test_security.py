@@ -16,10 +16,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import open_dict
 from PIL import Image
 
-from rtdetr_lit.checkpoint_io import SafeCheckpointIO, ensure_safe_checkpoint_io
 from rtdetr_lit.checkpoints import UnsafeCheckpointError, load_checkpoint_file
 from rtdetr_lit.eval import evaluate
 from rtdetr_lit.export import export
+from rtdetr_lit.inference import load_checkpoint_weights, read_checkpoint
+from rtdetr_lit.plugins import SafeCheckpointIO, ensure_safe_checkpoint_io
 from rtdetr_lit.predict import predict
 from rtdetr_lit.train import train
 from tests.conftest import QUIET_CPU_RUN, SMALL_SYNTHETIC, _cpu_sized, compose_config
@@ -265,11 +266,9 @@ def test_nan_weights_are_refused_naming_the_tensors(trained: Path, tmp_path: Pat
     GlobalHydra.instance().clear()
     module = instantiate(cfg.model, init_from=None)
     before = {k: v.clone() for k, v in module.net.state_dict().items()}
-    from rtdetr_lit.utils import load_checkpoint_weights
-
     net_names = [n.removeprefix("net.") for n in names]
     with pytest.raises(ValueError, match=rf"NaN or inf values in 2 of its tensors: {net_names[0]}"):
-        load_checkpoint_weights(module.net, cfg)
+        load_checkpoint_weights(module.net, read_checkpoint(broken), cfg)
     after = module.net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # init_from (Hydra wraps the error)

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from rtdetr_lit import create_model
 from rtdetr_lit.checkpoints import load_model_weights
-from rtdetr_lit.utils import check_launch, resolve_ckpt_path
+from rtdetr_lit.run import check_launch, resolve_ckpt_path
 
 from .conftest import QUIET_CPU_RUN, SMALL_SYNTHETIC, compose_config
 

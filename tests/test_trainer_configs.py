@@ -27,7 +27,7 @@ from tests.conftest import QUIET_CPU_RUN, SMALL_SYNTHETIC, compose_config
 REPO = Path(__file__).resolve().parents[1]
 OPTIONS = sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml"))
 MIXED = ("bf16-mixed", "16-mixed")
-CPU_SYNC_BN = "rtdetr_lit.sync_batchnorm.SyncBatchNormCPU"
+CPU_SYNC_BN = "rtdetr_lit.plugins.SyncBatchNormCPU"
 FP16_PLUGIN = "lightning.pytorch.plugins.MixedPrecision"
 
 

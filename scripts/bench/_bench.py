@@ -108,21 +108,17 @@ def profile_table(fn: Callable[[], object], steps: int = 2, rows: int = 15) -> s
 def build_module(name: str, num_classes: int, image_size: int):
     """The ``RTDETRModule`` that ``python -m rtdetr_lit.train model=<name>`` builds (criterion,
     matcher and optimizer settings from ``conf/``), without initial weights."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
-    from rtdetr_lit.config import CONFIG_DIR, register_schemas
+    from rtdetr_lit.config import compose_config
 
-    register_schemas()
-    GlobalHydra.instance().clear()
     overrides = [
         f"model={name}",
         f"data.num_classes={num_classes}",
         f"data.image_size=[{image_size},{image_size}]",
     ]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config("train", overrides)
     GlobalHydra.instance().clear()
     return instantiate(cfg.model, init_from=None)
 

@@ -33,9 +33,9 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from _bench import compare, load_average, medians, print_header, print_table, setup
+from rtdetr_lit.config import compose_config
 from rtdetr_lit.data.annotations import DetectionAnnotations
 from rtdetr_lit.data.dataset import TrainSampler
-from show_augmentations import compose_train_config
 
 # A synthetic set with COCO's image sizes (about 640x480) and object sizes up to 320 px; strong
 # augmentation in every round (the torchvision pipeline has no stop epoch).
@@ -127,8 +127,8 @@ def main() -> None:
 
     setup()
     print_header("Data: training pipeline throughput")
-    cfg = compose_train_config(
-        [*DATA_OVERRIDES, f"data.synthetic.num_train={args.images}", *args.overrides]
+    cfg = compose_config(
+        "train", [*DATA_OVERRIDES, f"data.synthetic.num_train={args.images}", *args.overrides]
     )
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

@@ -45,11 +45,11 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
 from _bench import print_header, setup
+from rtdetr_lit.config import compose_config
 from rtdetr_lit.data.annotations import DetectionAnnotations
 from rtdetr_lit.data.dataset import DetectionDataset, TrainSampler
 from rtdetr_lit.data.decode import read_image
 from rtdetr_lit.data.transforms import build_transforms
-from show_augmentations import compose_train_config
 
 _METRICS = ("rss", "anon_pss")
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
@@ -201,8 +201,8 @@ def main() -> None:
     print_header("Data: loader memory over epochs")
     if not args.keep_malloc:
         _fix_mmap_threshold()
-    cfg = compose_train_config(
-        ["data=synthetic", f"data.num_workers={args.workers}", *args.overrides]
+    cfg = compose_config(
+        "train", ["data=synthetic", f"data.num_workers={args.workers}", *args.overrides]
     )
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()

@@ -27,7 +27,8 @@ import torch
 
 from _bench import THREADS, compare, load_average, medians, print_header, print_table, setup
 from rtdetr_lit import create_model
-from rtdetr_lit.export import InferenceModel, export_onnx
+from rtdetr_lit.export import export_onnx
+from rtdetr_lit.inference import InferenceModel
 from rtdetr_lit.models import RTDETRPostProcessor
 
 NUM_CLASSES = 80

@@ -1,7 +1,8 @@
-"""Read checkpoint files safely and turn reference RT-DETRv2 checkpoints into our state dicts.
+"""Read weights files safely and fit their state dicts to a model: the ground floor, importing
+nothing else of the package.
 
 Our detector's state-dict keys are, by design, exactly the reference implementation's keys
-(``backbone.*``, ``encoder.*``, ``decoder.*``; see docs/rtdetrv2.md §10), so converting a reference
+(``backbone.*``, ``encoder.*``, ``decoder.*``; see docs/rtdetrv2.md §10), so loading a reference
 checkpoint is selection plus validation:
 
 1. :func:`load_checkpoint_file` reads ``.pth``/``.pt``/``.ckpt``/``.bin`` with
@@ -16,8 +17,8 @@ checkpoint is selection plus validation:
    and ``decoder.valid_mask`` keep the target's). Everything it did not take from the checkpoint
    is reported in the returned :class:`ConversionResult`.
 
-Hugging Face checkpoints are renamed by the rules in :mod:`rtdetr_lit.convert`, which then reuses
-:func:`align_to_target`.
+:mod:`rtdetr_lit.convert` builds on these for whole reference files and renames Hugging Face
+checkpoints before :func:`align_to_target`.
 """
 
 from __future__ import annotations
@@ -36,24 +37,18 @@ from torch import Tensor, nn
 
 __all__ = [
     "EVAL_SIZE_BUFFERS",
-    "MODEL_NAMES",
     "ConversionResult",
     "UnsafeCheckpointError",
     "align_to_target",
-    "build_target_state_dict",
     "check_finite",
-    "check_model_name",
-    "convert_reference_state_dict",
     "extract_state_dict",
     "infer_num_classes",
     "load_checkpoint_file",
     "load_model_weights",
+    "load_weights_into",
 ]
 
 logger = logging.getLogger(__name__)
-
-# The zoo sizes of docs/rtdetrv2.md §1.
-MODEL_NAMES: tuple[str, ...] = ("r18", "r34", "r50m", "r50", "r101")
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
@@ -202,15 +197,6 @@ def infer_num_classes(state_dict: Mapping[str, Tensor]) -> int | None:
     return None
 
 
-def build_target_state_dict(name: str, num_classes: int | None = None) -> dict[str, Tensor]:
-    """State dict of a freshly built ``rtdetr_lit.create_model(name, num_classes=...)``."""
-    check_model_name(name)
-    from rtdetr_lit import create_model
-
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    return create_model(name, **kwargs).state_dict()
-
-
 def align_to_target(
     state_dict: Mapping[str, Tensor], target: Mapping[str, Tensor], source: str = "checkpoint"
 ) -> ConversionResult:
@@ -275,42 +261,19 @@ def align_to_target(
     return result
 
 
-def convert_reference_state_dict(
-    obj: Any, name: str, target: Mapping[str, Tensor] | None = None
-) -> ConversionResult:
-    """Convert a reference RT-DETRv2 checkpoint (or one of ours) into a state dict for ``name``.
-
-    Args:
-        obj: a loaded checkpoint: a full reference training checkpoint (``model``, ``ema``,
-            ``optimizer``, ...), a released ``{"ema": {"module": sd}}`` file, our converted
-            ``{"model": sd, "meta": ...}`` file, or a bare state dict (:func:`extract_state_dict`).
-        name: zoo size, one of :data:`MODEL_NAMES`.
-        target: the target model's ``state_dict()``. When omitted, ``create_model(name)`` is built
-            with the checkpoint's own number of classes and used as the target.
-
-    Returns:
-        A :class:`ConversionResult`; keys equal the reference keys (docs/rtdetrv2.md §10).
-    """
-    check_model_name(name)
-    state = extract_state_dict(obj)
-    if target is None:
-        target = build_target_state_dict(name, infer_num_classes(state))
-    return align_to_target(state, target, source=f"reference checkpoint for {name}")
-
-
-def check_model_name(name: str) -> None:
-    """Raise ``ValueError`` unless ``name`` is a zoo size (:data:`MODEL_NAMES`)."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model name {name!r}; choose one of {list(MODEL_NAMES)}")
-
-
 def _listed(keys: list[str]) -> str:
     shown = ", ".join(keys[:_MAX_LISTED])
     return shown + (f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else "")
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[str]:
-    """Load the weights stored in ``path`` into ``model`` (strictly) and return skipped keys.
+    """Read ``path`` (:func:`load_checkpoint_file`) and :func:`load_weights_into` ``model``."""
+    return load_weights_into(model, load_checkpoint_file(path), str(path))
+
+
+def load_weights_into(model: nn.Module, obj: Any, source: str) -> list[str]:
+    """Load the weights held by the loaded checkpoint ``obj`` into ``model`` (strictly) and return
+    the skipped keys; ``source`` names the file in messages.
 
     Accepts a Lightning checkpoint of ``RTDETRModule`` (its ``state_dict`` holds the EMA weights
     when the EMA callback ran; the ``net.`` prefix is stripped), a file written by
@@ -318,10 +281,9 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[s
     Class-dependent tensors of another shape (a different number of classes) keep the model's own
     values; their keys are returned and logged. Eval-size buffers always follow the model.
     """
-    obj = load_checkpoint_file(path)
     if isinstance(obj, Mapping) and "pytorch-lightning_version" in obj:
         prefix = "net."
         obj = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
-    result = align_to_target(extract_state_dict(obj), model.state_dict(), source=str(path))
+    result = align_to_target(extract_state_dict(obj), model.state_dict(), source=source)
     model.load_state_dict(result.state_dict, strict=True)
     return result.skipped

@@ -1,13 +1,16 @@
-"""Where the Hydra configs live, schemas that make a mistyped key an error, and config checks.
+"""Where the Hydra configs live, schemas that make a mistyped key an error, and every check of a
+composed config that runs before anything is built.
 
 Hydra itself refuses a command-line override of a missing key (``trainer.max_epoch=3``).
-Two more kinds of mistakes are caught here:
+More kinds of mistakes are caught here (:func:`check_config` runs them all):
 
 * a key that a config *file* (an experiment, a user's own config) adds at the top level or inside
   ``recipe``, ``sampling``, ``paths`` or ``extras``: those nodes have dataclass schemas, so Hydra
   fails while composing;
 * a key inside a ``_target_`` node that the target does not accept: :func:`validate_config` checks
-  every such node against the signature of its target before anything is built or downloaded.
+  every such node against the signature of its target before anything is built or downloaded;
+* values that only fail deep inside a run: a sampling-point layout the model cannot take, a
+  discrete fine-tuning stage from the first step without trained weights to start from.
 """
 
 from __future__ import annotations
@@ -20,11 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["CONFIG_DIR", "ConfigError", "register_schemas", "validate_config"]
+__all__ = [
+    "CONFIG_DIR",
+    "ConfigError",
+    "check_config",
+    "check_finetune_start",
+    "check_sampling_layout",
+    "compose_config",
+    "register_schemas",
+    "validate_config",
+]
 
 
 def _find_config_dir() -> Path:
@@ -194,3 +208,55 @@ def validate_config(cfg: DictConfig, keys: tuple[str, ...] | None = None) -> Non
                     f"{path}: {target} has no parameter {', '.join(map(repr, unknown))}; "
                     f"it accepts {', '.join(p for p in params if p != 'self')}"
                 )
+
+
+def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with ``overrides`` outside a Hydra app (tests, scripts),
+    Hydra's runtime values (the run directory) included and resolvable."""
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides or [], return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+_BUILT_GROUPS = ("data", "model", "callbacks", "logger", "trainer")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every check of this module on a composed entry config; raises :class:`ConfigError`."""
+    validate_config(cfg, keys=tuple(k for k in _BUILT_GROUPS if cfg.get(k) is not None))
+    check_sampling_layout(cfg)
+    check_finetune_start(cfg)
+
+
+def check_sampling_layout(cfg: DictConfig) -> None:
+    """Refuse point counts the model cannot take before anything is built, naming the key."""
+    from rtdetr_lit.models.zoo import check_num_points
+
+    net = OmegaConf.select(cfg, "model.net")
+    if not isinstance(net, DictConfig) or "num_points" not in net:
+        return
+    # Normally model.net.num_points reads ${sampling.num_points}: name the key the user sets.
+    from_group = OmegaConf.is_interpolation(net, "num_points")
+    key = "sampling.num_points" if from_group else "model.net.num_points"
+    try:
+        check_num_points(net.num_points)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from err
+
+
+def check_finetune_start(cfg: DictConfig) -> None:
+    """A discrete stage from the first step fine-tunes trained weights: refuse random ones."""
+    stage = OmegaConf.select(cfg, "callbacks.discrete_finetune")
+    if not cfg.get("train") or not isinstance(stage, DictConfig) or stage.get("switch_epoch") != 0:
+        return
+    if OmegaConf.select(cfg, "model.init_from") or cfg.get("ckpt_path"):
+        return
+    raise ConfigError(
+        "model.init_from: finetune=discrete samples discretely from the first step, so it "
+        "fine-tunes grid_sample-trained weights: give them with model.init_from=PATH (a stage-1 "
+        "checkpoint, a converted or a reference file), or set "
+        "callbacks.discrete_finetune.switch_epoch=E > 0 to train with grid_sample first"
+    )

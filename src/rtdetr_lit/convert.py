@@ -12,7 +12,7 @@ Output file (``torch.save``; loads with ``torch.load(weights_only=True)``)::
               "skipped": [keys whose tensors came from the freshly built model],
               "filled": [...]}}
 
-:func:`rtdetr_lit.checkpoints.convert_reference_state_dict` reads this file back (any dict with a
+:func:`convert_reference_state_dict` reads this file back (any dict with a
 ``"model"`` key), so a converted file can be converted again, e.g. to another class count.
 
 Hugging Face (``RTDetrV2ForObjectDetection``) keys versus ours (= the reference keys), as explicit
@@ -54,25 +54,29 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from rtdetr_lit.checkpoints import (
     EVAL_SIZE_BUFFERS,
-    MODEL_NAMES,
     ConversionResult,
     align_to_target,
-    build_target_state_dict,
-    check_model_name,
-    convert_reference_state_dict,
     extract_state_dict,
     infer_num_classes,
     load_checkpoint_file,
 )
+from rtdetr_lit.models.zoo import MODEL_NAMES
 
-__all__ = ["convert_hf_state_dict", "main", "to_hf_state_dict"]
+__all__ = [
+    "build_target_state_dict",
+    "check_model_name",
+    "convert_hf_state_dict",
+    "convert_reference_state_dict",
+    "main",
+    "to_hf_state_dict",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +228,46 @@ def _canonical_hf(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], 
     return state, dropped
 
 
+def build_target_state_dict(name: str, num_classes: int | None = None) -> dict[str, Tensor]:
+    """State dict of a freshly built ``rtdetr_lit.create_model(name, num_classes=...)``."""
+    check_model_name(name)
+    from rtdetr_lit.models.zoo import create_model
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    return create_model(name, **kwargs).state_dict()
+
+
+def convert_reference_state_dict(
+    obj: Any, name: str, target: Mapping[str, Tensor] | None = None
+) -> ConversionResult:
+    """Convert a reference RT-DETRv2 checkpoint (or one of ours) into a state dict for ``name``.
+
+    Args:
+        obj: a loaded checkpoint: a full reference training checkpoint (``model``, ``ema``,
+            ``optimizer``, ...), a released ``{"ema": {"module": sd}}`` file, our converted
+            ``{"model": sd, "meta": ...}`` file, or a bare state dict
+            (:func:`~rtdetr_lit.checkpoints.extract_state_dict`).
+        name: zoo size, one of :data:`rtdetr_lit.models.zoo.MODEL_NAMES`.
+        target: the target model's ``state_dict()``. When omitted, ``create_model(name)`` is built
+            with the checkpoint's own number of classes and used as the target.
+
+    Returns:
+        A :class:`~rtdetr_lit.checkpoints.ConversionResult`; keys equal the reference keys
+        (docs/rtdetrv2.md §10).
+    """
+    check_model_name(name)
+    state = extract_state_dict(obj)
+    if target is None:
+        target = build_target_state_dict(name, infer_num_classes(state))
+    return align_to_target(state, target, source=f"reference checkpoint for {name}")
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a zoo size (:data:`MODEL_NAMES`)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; choose one of {list(MODEL_NAMES)}")
+
+
 def convert_hf_state_dict(
     state_dict: Mapping[str, Tensor], name: str, target: Mapping[str, Tensor] | None = None
 ) -> ConversionResult:
@@ -232,7 +276,7 @@ def convert_hf_state_dict(
     Args:
         state_dict: HF ``model.state_dict()`` or a ``save_pretrained`` file's contents (either
             spelling; tied duplicate heads optional).
-        name: zoo size, one of :data:`rtdetr_lit.checkpoints.MODEL_NAMES`.
+        name: zoo size, one of :data:`rtdetr_lit.models.zoo.MODEL_NAMES`.
         target: the target model's ``state_dict()``; it supplies ``decoder.anchors`` and
             ``decoder.valid_mask``. When omitted, ``create_model(name)`` is built with the
             checkpoint's number of classes.

@@ -15,13 +15,8 @@ import hydra
 from omegaconf import DictConfig
 
 from rtdetr_lit.config import CONFIG_DIR, register_schemas
-from rtdetr_lit.utils import (
-    build_callbacks,
-    build_loggers,
-    finish_run,
-    load_checkpoint_weights,
-    prepare_run,
-)
+from rtdetr_lit.inference import load_checkpoint_weights, read_checkpoint
+from rtdetr_lit.run import build_callbacks, build_loggers, finish_run, prepare_run
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +30,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     prepare_run(cfg)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, init_from=None)
-    load_checkpoint_weights(module.net, cfg)
+    load_checkpoint_weights(module.net, read_checkpoint(cfg.ckpt_path), cfg)
     trainer = instantiate(
         cfg.trainer,
         callbacks=build_callbacks(cfg.get("callbacks")),

@@ -35,17 +35,18 @@ from omegaconf import DictConfig
 
 from rtdetr_lit.config import CONFIG_DIR, ConfigError, register_schemas
 from rtdetr_lit.data.transforms import build_transforms
-from rtdetr_lit.export import (
+from rtdetr_lit.export import export_checkpoint
+from rtdetr_lit.inference import (
     INPUT_NAMES,
     ClassInfo,
     InferenceModel,
     build_inference_model,
     classes_from_data,
-    export_checkpoint,
     image_size_of,
+    read_checkpoint,
     resolve_classes,
 )
-from rtdetr_lit.utils import prepare_run
+from rtdetr_lit.run import prepare_run
 
 __all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "Sources", "collect_sources", "predict"]
 
@@ -196,8 +197,9 @@ def _load_detector(cfg: DictConfig, output: Path) -> tuple[Detector, ClassInfo, 
     if cfg.backend == "torch":
         if is_onnx:
             raise ConfigError(f"ckpt_path: {cfg.ckpt_path} is an ONNX graph: use backend=onnx")
-        model = build_inference_model(cfg)
-        classes = resolve_classes(cfg, model.postprocessor.num_classes)
+        checkpoint = read_checkpoint(cfg.ckpt_path)
+        model = build_inference_model(cfg, checkpoint)
+        classes = resolve_classes(cfg, checkpoint, model.postprocessor.num_classes)
         return _torch_detector(model), classes, image_size_of(cfg)
     path = cfg.ckpt_path
     if not is_onnx:

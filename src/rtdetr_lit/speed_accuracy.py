@@ -35,9 +35,10 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
 from rtdetr_lit.config import CONFIG_DIR, register_schemas
+from rtdetr_lit.inference import load_checkpoint_weights, read_checkpoint
 from rtdetr_lit.models.deformable import SAMPLING_METHODS
+from rtdetr_lit.run import prepare_run
 from rtdetr_lit.timing import compare, load_average, machine
-from rtdetr_lit.utils import load_checkpoint_weights, prepare_run
 
 log = logging.getLogger("speed_accuracy")
 
@@ -107,7 +108,7 @@ def sweep(cfg: DictConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
     prepare_run(cfg)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, init_from=None)
-    load_checkpoint_weights(module.net, cfg)
+    load_checkpoint_weights(module.net, read_checkpoint(cfg.ckpt_path), cfg)
     net = module.net.deploy()  # fusing is exact: the same mAP, the deployed speed
     num_layers = net.decoder.num_layers
     indices = args.eval_idx if args.eval_idx is not None else list(range(num_layers))

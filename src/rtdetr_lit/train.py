@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rtdetr_lit.config import CONFIG_DIR, register_schemas
-from rtdetr_lit.utils import (
+from rtdetr_lit.run import (
     build_callbacks,
     build_loggers,
     check_launch,
@@ -41,7 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from hydra.utils import instantiate
 
-    from rtdetr_lit.checkpoint_io import ensure_safe_checkpoint_io
+    from rtdetr_lit.plugins import ensure_safe_checkpoint_io
 
     prepare_run(cfg)
     log.info("data: %s", cfg.data._target_)

@@ -29,6 +29,7 @@ from rtdetr_lit.data.dataset import DetectionDataset, EvalSampler, MultiScaleCol
 from rtdetr_lit.data.decode import ImageProbe, probe_image
 from rtdetr_lit.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
 from rtdetr_lit.data.transforms import AugmentConfig
+from rtdetr_lit.sizes import check_sizes
 
 __all__ = ["CocoDataModule", "SyntheticDataModule", "YoloDataModule"]
 
@@ -97,11 +98,7 @@ class CocoDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.image_size = tuple(int(v) for v in image_size)
-        if len(self.image_size) != 2 or any(v <= 0 or v % 32 for v in self.image_size):
-            raise ValueError(
-                f"data.image_size must be [height, width], multiples of 32: {image_size}"
-            )
+        self.image_size = check_sizes(image_size, "data.image_size", 2)
         self.skip_bad_images = skip_bad_images
         self.skip_bad_annotations = skip_bad_annotations
         self.augment = AugmentConfig(**(augment or {}))

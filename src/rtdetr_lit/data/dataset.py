@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 from rtdetr_lit.data.annotations import DetectionAnnotations
 from rtdetr_lit.data.decode import read_image
 from rtdetr_lit.data.transforms import AugmentConfig, build_transforms
+from rtdetr_lit.sizes import check_sizes
 
 __all__ = ["DetectionDataset", "EvalSampler", "MultiScaleCollate", "TrainSampler"]
 
@@ -123,9 +124,7 @@ class MultiScaleCollate:
     """
 
     def __init__(self, sizes: Sequence[int] = (), stop_epoch: int = 0) -> None:
-        self.sizes = [int(s) for s in sizes]
-        if any(s % 32 for s in self.sizes):
-            raise ValueError(f"data.multiscale.sizes must be multiples of 32, got {self.sizes}")
+        self.sizes = list(check_sizes(sizes, "data.multiscale.sizes"))
         self.stop_epoch = stop_epoch
 
     def __call__(self, batch: list[Sample]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rtdetr_lit.checkpoints import check_finite, load_checkpoint_file
 from rtdetr_lit.models.common import ConvNormLayer, freeze_batch_norm
 
 __all__ = ["PRESNET_DEPTHS", "BasicBlock", "BottleNeck", "PResNet"]
@@ -184,8 +185,6 @@ class PResNet(nn.Module):
         ``FileNotFoundError`` if the file is missing and ``ValueError`` naming missing, unexpected
         or mis-shaped keys.
         """
-        from rtdetr_lit.checkpoints import check_finite, load_checkpoint_file
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights file not found: {path}")

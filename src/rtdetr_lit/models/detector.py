@@ -9,6 +9,7 @@ from rtdetr_lit.models.backbone import PResNet
 from rtdetr_lit.models.decoder import RTDETRTransformer
 from rtdetr_lit.models.deploy import fuse_for_deploy
 from rtdetr_lit.models.encoder import HybridEncoder
+from rtdetr_lit.sizes import check_sizes
 
 __all__ = ["RTDETR"]
 
@@ -34,8 +35,7 @@ class RTDETR(nn.Module):
     ) -> dict:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
-        if images.shape[-2] % 32 or images.shape[-1] % 32:
-            raise ValueError(f"image height and width must be multiples of 32, got {images.shape}")
+        check_sizes(images.shape[-2:], "image height and width")
         return self.decoder(self.encoder(self.backbone(images)), targets)
 
     @property

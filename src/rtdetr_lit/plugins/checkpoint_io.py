@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from rtdetr_lit.checkpoints import check_finite, load_checkpoint_file
+
 __all__ = ["SafeCheckpointIO", "ensure_safe_checkpoint_io"]
 
 
@@ -50,8 +52,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         # map_location and weights_only are ignored on purpose: tensors load onto the CPU (the
         # strategy moves them), and loading is always weights-only.
-        from rtdetr_lit.checkpoints import check_finite, load_checkpoint_file
-
         checkpoint = load_checkpoint_file(path)
         if not isinstance(checkpoint, Mapping) or not isinstance(
             checkpoint.get("state_dict"), Mapping
@@ -79,7 +79,7 @@ def ensure_safe_checkpoint_io(trainer: Any) -> None:
     if type(io) is not TorchCheckpointIO:
         raise ValueError(
             f"trainer.plugins: the checkpoint IO plugin {type(io).__name__} is not "
-            "rtdetr_lit.checkpoint_io.SafeCheckpointIO, the one that reads checkpoints without "
+            "rtdetr_lit.plugins.SafeCheckpointIO, the one that reads checkpoints without "
             "running code in them; remove it from trainer.plugins"
         )
     strategy.checkpoint_io = SafeCheckpointIO()

@@ -1,4 +1,5 @@
-"""Glue shared by the command-line entry points (train, eval): run set-up and object building."""
+"""Run set-up and teardown shared by the entry points: checks, seeding, loggers and callbacks,
+the checkpoint to resume, the final report."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from rtdetr_lit.config import ConfigError, validate_config
+from rtdetr_lit.config import ConfigError, check_config
 
 __all__ = [
     "build_callbacks",
@@ -17,7 +18,6 @@ __all__ = [
     "check_launch",
     "check_sync_batchnorm",
     "finish_run",
-    "load_checkpoint_weights",
     "prepare_run",
     "resolve_ckpt_path",
 ]
@@ -26,18 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def prepare_run(cfg: DictConfig) -> None:
-    """Validate ``cfg``, apply ``cfg.extras`` and seed every generator (``cfg.seed``)."""
+    """Check ``cfg`` (:func:`~rtdetr_lit.config.check_config`), apply ``cfg.extras`` and seed every
+    generator (``cfg.seed``)."""
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
-    validate_config(
-        cfg,
-        keys=tuple(
-            k for k in ("data", "model", "callbacks", "logger", "trainer") if cfg.get(k) is not None
-        ),
-    )
-    _check_sampling_layout(cfg)
-    _check_finetune_start(cfg)
+    check_config(cfg)
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
@@ -51,47 +45,17 @@ def prepare_run(cfg: DictConfig) -> None:
 
 
 def _log_lightning_once() -> None:
-    """Lightning gives its ``lightning`` logger a console handler of its own and lets records
-    propagate too, so under Hydra's logging every Lightning message was printed twice. When the
-    root logger has handlers (Hydra's console and run-file ones), drop Lightning's console handler:
-    its messages then appear once, formatted like ours, and land in the run's log file."""
+    """Print each Lightning message once. Lightning gives its ``lightning`` logger a console handler
+    of its own and lets records propagate too, which under Hydra's logging prints every message
+    twice. When the root logger has handlers (Hydra's console and run-file ones), drop Lightning's
+    console handler: its messages then appear once, formatted like ours, and land in the run's log
+    file."""
     if not logging.getLogger().handlers:
         return
     lightning = logging.getLogger("lightning")
     for handler in list(lightning.handlers):
         if type(handler) is logging.StreamHandler:
             lightning.removeHandler(handler)
-
-
-def _check_sampling_layout(cfg: DictConfig) -> None:
-    """Refuse point counts the model cannot take before anything is built, naming the key."""
-    from rtdetr_lit.models.zoo import check_num_points
-
-    net = OmegaConf.select(cfg, "model.net")
-    if not isinstance(net, DictConfig) or "num_points" not in net:
-        return
-    # Normally model.net.num_points reads ${sampling.num_points}: name the key the user sets.
-    from_group = OmegaConf.is_interpolation(net, "num_points")
-    key = "sampling.num_points" if from_group else "model.net.num_points"
-    try:
-        check_num_points(net.num_points)
-    except ValueError as err:
-        raise ConfigError(f"{key}: {err}") from err
-
-
-def _check_finetune_start(cfg: DictConfig) -> None:
-    """A discrete stage from the first step fine-tunes trained weights: refuse random ones."""
-    stage = OmegaConf.select(cfg, "callbacks.discrete_finetune")
-    if not cfg.get("train") or not isinstance(stage, DictConfig) or stage.get("switch_epoch") != 0:
-        return
-    if OmegaConf.select(cfg, "model.init_from") or cfg.get("ckpt_path"):
-        return
-    raise ConfigError(
-        "model.init_from: finetune=discrete samples discretely from the first step, so it "
-        "fine-tunes grid_sample-trained weights: give them with model.init_from=PATH (a stage-1 "
-        "checkpoint, a converted or a reference file), or set "
-        "callbacks.discrete_finetune.switch_epoch=E > 0 to train with grid_sample first"
-    )
 
 
 def _print_config(cfg: DictConfig) -> None:
@@ -188,24 +152,6 @@ def check_sync_batchnorm(trainer: Any) -> None:
             "trainer=ddp_sim (its SyncBatchNormCPU plugin synchronises batch norm over gloo), or "
             "set trainer.sync_batchnorm=false"
         )
-
-
-def load_checkpoint_weights(net: Any, cfg: DictConfig) -> None:
-    """Load ``cfg.ckpt_path`` into the detector ``net``; a file that does not fit is an error.
-
-    Any file :func:`rtdetr_lit.checkpoints.load_model_weights` reads works (a Lightning checkpoint's
-    EMA weights, a converted or a reference checkpoint); unlike training's ``init_from``, class
-    tensors of another shape are refused, since they would leave the model untrained there.
-    """
-    from rtdetr_lit.checkpoints import load_model_weights
-
-    skipped = load_model_weights(net, cfg.ckpt_path)
-    if skipped:
-        raise ConfigError(
-            f"ckpt_path: {cfg.ckpt_path} does not fit model={cfg.model.net.name} with "
-            f"{cfg.data.num_classes} classes (differs in: {', '.join(skipped)})"
-        )
-    log.info("loaded %s", cfg.ckpt_path)
 
 
 def finish_run(cfg: DictConfig, trainer: Any, metrics: dict[str, Any]) -> dict[str, float]:
