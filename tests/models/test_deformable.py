@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from rtdetr_lit.models.deformable import MSDeformableAttention, _MixRows, bilinear_corners
+from rtdetr_lit.models.deformable import MSDeformableAttention
+from rtdetr_lit.models.sampling import _MixRows, bilinear_corners
 
 SHAPES = [(5, 7), (3, 4), (2, 1)]  # (H, W): non-square on purpose
 

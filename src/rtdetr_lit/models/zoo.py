@@ -13,10 +13,12 @@ from pathlib import Path
 
 from rtdetr_lit.models.backbone import PResNet
 from rtdetr_lit.models.decoder import RTDETRTransformer
+from rtdetr_lit.models.deformable import check_num_points
 from rtdetr_lit.models.detector import RTDETR
 from rtdetr_lit.models.encoder import HybridEncoder
+from rtdetr_lit.sizes import check_sizes
 
-__all__ = ["MODEL_SIZES", "ModelSpec", "check_num_points", "create_model"]
+__all__ = ["MODEL_NAMES", "MODEL_SIZES", "ModelSpec", "check_num_points", "create_model"]
 
 
 @dataclass(frozen=True)
@@ -70,27 +72,15 @@ MODEL_SIZES: dict[str, ModelSpec] = {
         eval_spatial_size=(320, 320),
     ),
 }
+# The paper's sizes: every entry of the table but the CPU demo.
+MODEL_NAMES: tuple[str, ...] = tuple(name for name in MODEL_SIZES if name != "demo")
 
 
 def _as_size(value: int | Sequence[int] | None) -> tuple[int, int] | None:
     if value is None:
         return None
-    h, w = (value, value) if isinstance(value, int) else tuple(value)
-    if h % 32 or w % 32:
-        raise ValueError(f"eval_spatial_size must be multiples of 32, got {(h, w)}")
-    return int(h), int(w)
-
-
-def check_num_points(num_points: Sequence[int]) -> tuple[int, ...]:
-    """The per-level sampling point counts as a tuple; one positive count per feature level (3).
-
-    Raises:
-        ValueError: another number of levels, or a count below 1.
-    """
-    points = tuple(int(n) for n in num_points)
-    if len(points) != 3 or min(points) < 1:
-        raise ValueError(f"num_points needs one positive count per feature level (3), got {points}")
-    return points
+    h, w = check_sizes((value, value) if isinstance(value, int) else value, "eval_spatial_size", 2)
+    return h, w
 
 
 def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDETR:
