@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
 from rtdetr_lit.config import CONFIG_DIR, ConfigError, validate_config
+from rtdetr_lit.models.zoo import MODEL_SIZES
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +114,27 @@ def test_model_sizes_carry_spec_hyper_parameters(size: str) -> None:
     assert cfg.trainer.max_epochs == recipe.epochs
     assert cfg.trainer.gradient_clip_val == 0.1
     assert cfg.data.augment.stop_epoch == recipe.aug_stop_epoch
+
+
+@pytest.mark.parametrize("size", sorted(MODEL_SIZES))
+def test_model_configs_and_the_zoo_table_cannot_drift(size: str) -> None:
+    """``model=<size>`` builds through ``create_model`` with every value written out: each must
+    be the zoo table's, so that the Python factory and the Hydra config build the same model."""
+    cfg = compose_config("train", [f"model={size}", "data.image_size=[640,640]"])
+    net = OmegaConf.to_container(cfg.model.net, resolve=True)
+    assert net["name"] == size
+    spec = dataclasses.asdict(MODEL_SIZES[size])
+    written = {k: v for k, v in net.items() if k in spec}
+    # Not size settings: the data config's input size, and a local file the user may give.
+    for key in ("eval_spatial_size", "backbone_weights"):
+        written.pop(key)
+    normalised = {k: tuple(v) if isinstance(v, list) else v for k, v in written.items()}
+    assert normalised == {k: spec[k] for k in written}
+    # Every field of the table that tells the sizes apart is written in the config.
+    varying = {f for f in spec if len({getattr(s, f) for s in MODEL_SIZES.values()}) > 1} - {
+        "eval_spatial_size"
+    }
+    assert varying <= set(written), sorted(varying - set(written))
 
 
 def test_experiment_recipes_select_their_size() -> None:

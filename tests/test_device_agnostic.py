@@ -288,7 +288,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory):
     assert "val/mAP" in trainer.callback_metrics and pictures.path.is_file()
     # the code under test was reached (with num_workers > 0, say, the dataset would run elsewhere)
     reached = {"data/dataset.py", "loss/matcher.py", "loss/criterion.py", "models/denoising.py",
-               "models/decoder.py", "models/encoder.py", "models/deformable.py",
+               "models/decoder.py", "models/encoder.py", "models/sampling.py",
                "callbacks/pictures.py"}  # fmt: skip
     assert reached <= mode.callers, reached - mode.callers
     return module, mode.violations
@@ -313,7 +313,7 @@ def test_deformable_attention_samplers_give_every_tensor_a_device() -> None:
                 for ref in (torch.rand(2, 3, 1, 4), torch.rand(2, 3, 1, 2)):
                     attn(query, ref, value, shapes).sum().backward()
     assert_no_violations(mode.violations)
-    assert "models/deformable.py" in mode.callers
+    assert "models/sampling.py" in mode.callers
 
 
 def test_predict_gives_every_tensor_a_device(fitted) -> None:

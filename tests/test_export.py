@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
@@ -22,8 +21,6 @@ from rtdetr_lit.inference import (
     INPUT_NAMES,
     OUTPUT_NAMES,
     InferenceModel,
-    read_checkpoint,
-    resolve_classes,
 )
 from rtdetr_lit.models import RTDETRPostProcessor
 from rtdetr_lit.models.deformable import MSDeformableAttention
@@ -247,46 +244,3 @@ def test_export_rejects_bad_settings(tmp_path):
         export(entry_config("export", tmp_path, [f"ckpt_path={ckpt}"]))
     with pytest.raises(Exception, match="opset"):
         compose_config("export", ["ckpt_path=x", "opset_version=17"])
-
-
-def test_class_names_from_the_data_config(tmp_path):
-    """Without names in the checkpoint, the validation annotations of the data config name the
-    classes (only the JSON is read: no image needs to exist); without those, "class N"."""
-    ckpt = tmp_path / "w.pth"
-    torch.save({"model": demo_net().state_dict()}, ckpt)
-    root = tmp_path / "my_set"
-    (root / "annotations").mkdir(parents=True)
-    categories = [{"id": 11, "name": "apple"}, {"id": 4, "name": "pear"}]
-    (root / "annotations" / "val.json").write_text(
-        json.dumps({"images": [], "annotations": [], "categories": categories})
-    )
-    cfg = entry_config(
-        "export", tmp_path, [f"ckpt_path={ckpt}", "data=custom", f"data.root={root}"]
-    )
-    classes = resolve_classes(cfg, read_checkpoint(ckpt), NUM_CLASSES)
-    # contiguous labels follow increasing category id
-    assert classes.names == ("pear", "apple") and classes.category_ids == (4, 11)
-    cfg = entry_config(
-        "export", tmp_path, [f"ckpt_path={ckpt}", "data=custom", f"data.root={tmp_path}"]
-    )
-    assert resolve_classes(cfg, read_checkpoint(ckpt), NUM_CLASSES).names == ("class 0", "class 1")
-    with pytest.raises(ConfigError, match="gives 2 class names but the model has 3 classes"):
-        resolve_classes(
-            entry_config(
-                "export", tmp_path, [f"ckpt_path={ckpt}", "data=custom", f"data.root={root}"]
-            ),
-            read_checkpoint(ckpt),
-            3,
-        )
-
-
-def test_inference_model_is_the_fused_detector_with_postprocessing():
-    net = demo_net()
-    images, sizes = random_inputs(2, seed=0)
-    with torch.no_grad():
-        raw = net.eval()(images)
-        want = RTDETRPostProcessor(NUM_CLASSES, 300).deploy()(raw, sizes)
-        got = inference_model(net)(images, sizes)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
-    assert_same_detections(got, want, sizes)
-    assert np.isin(got[0].numpy(), [0, 1]).all()
