@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from rtdetr_lit.callbacks import EMA, DiscreteFinetune
-from rtdetr_lit.config import CONFIG_DIR, ConfigError
+from rtdetr_lit.config import CONFIG_DIR, ConfigError, check_finetune_start
 from rtdetr_lit.optim import restart_warmup, warmup_schedule
 from rtdetr_lit.run import prepare_run
 from tests.conftest import compose_config
@@ -363,7 +363,15 @@ def test_discrete_experiment_fine_tunes_a_grid_checkpoint(
 def test_discrete_stage_starts_from_weights_a_resume_or_a_later_switch(
     start: list[str], tmp_path: Path
 ) -> None:
-    prepare_run(compose_config("train", ["finetune=discrete", *start, *_quiet(tmp_path)]))
+    """Each way to give the discrete stage trained weights passes the run's set-up: the weights
+    (init_from), a resume (ckpt_path) or grid_sample epochs first (switch_epoch > 0). Without any
+    of them the same config is refused."""
+    with pytest.raises(ConfigError, match=r"^model\.init_from: finetune=discrete"):
+        prepare_run(compose_config("train", ["finetune=discrete", *_quiet(tmp_path)]))
+    cfg = compose_config("train", ["finetune=discrete", *start, *_quiet(tmp_path)])
+    assert check_finetune_start(cfg) is None
+    prepare_run(cfg)  # the other checks, extras and seeding pass too
+    assert torch.initial_seed() == cfg.seed
 
 
 def test_init_from_is_a_plain_model_key(tmp_path: Path) -> None:

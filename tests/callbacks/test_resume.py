@@ -25,9 +25,9 @@ from hydra.core.global_hydra import GlobalHydra
 
 from rtdetr_lit.train import train
 
-from .conftest import QUIET_CPU_RUN, SMALL_SYNTHETIC, compose_config
+from tests.conftest import QUIET_CPU_RUN, SMALL_SYNTHETIC, compose_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS_PER_EPOCH = 4  # 8 images, global batch 2
 EPOCHS = 2
 
