@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtdetr_lit.checkpoints import check_finite, load_checkpoint_file
+from rtdetr_lit.checkpoints import check_finite, extract_state_dict, load_checkpoint_file
 from rtdetr_lit.models.common import ConvNormLayer, freeze_batch_norm
 
 __all__ = ["PRESNET_DEPTHS", "BasicBlock", "BottleNeck", "PResNet"]
@@ -188,7 +188,14 @@ class PResNet(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights file not found: {path}")
-        state = _backbone_state(load_checkpoint_file(path), path)
+        loaded = load_checkpoint_file(path)
+        try:
+            state = extract_state_dict(loaded)
+        except ValueError as err:
+            raise ValueError(f"backbone weights {path}: {err}") from None
+        prefix = "backbone."  # a whole detector's weights: keep its backbone's
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         check_finite(state, f"backbone weights {path}")
 
         own = {k: v for k, v in self.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -210,18 +217,3 @@ class PResNet(nn.Module):
         # strict=False only tolerates num_batches_tracked, which the checks above exempted.
         self.load_state_dict(state, strict=False)
         log.info("loaded backbone weights from %s", path)
-
-
-def _backbone_state(state: object, path: Path) -> dict[str, torch.Tensor]:
-    """Extract the backbone's own state dict (keys without ``backbone.``) from a loaded file."""
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not contain a state dict (got {type(state).__name__})")
-    ema = state.get("ema")
-    if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):
-        state = ema["module"]
-    elif isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    prefix = "backbone."
-    if any(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return dict(state)
