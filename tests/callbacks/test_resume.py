@@ -24,7 +24,6 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from rtdetr_lit.train import train
-
 from tests.conftest import QUIET_CPU_RUN, SMALL_SYNTHETIC, compose_config
 
 REPO = Path(__file__).resolve().parents[2]
