@@ -216,7 +216,7 @@ def test_export_takes_the_ema_weights_of_a_reference_checkpoint(tmp_path):
         },
         ckpt,
     )
-    cfg = entry_config("export", tmp_path, [f"ckpt_path={ckpt}"])
+    cfg = entry_config("export", tmp_path, [f"ckpt_path={ckpt}", "model=demo"])
     path = export(cfg)
     assert path == Path(cfg.paths.output_dir) / "demo_grid_sample.onnx"
     images, sizes = random_inputs(1, seed=9)
@@ -233,14 +233,18 @@ def test_export_rejects_bad_settings(tmp_path):
     ckpt = tmp_path / "w.pth"
     torch.save({"model": demo_net().state_dict()}, ckpt)
     with pytest.raises(ConfigError, match="opset"):
-        export(entry_config("export", tmp_path, [f"ckpt_path={ckpt}", "opset=16"]))
+        export(entry_config("export", tmp_path, [f"ckpt_path={ckpt}", "opset=16", "model=demo"]))
     with pytest.raises(ConfigError, match="format"):
         export(entry_config("export", tmp_path, [f"ckpt_path={ckpt}", "format=tensorrt"]))
     with pytest.raises(ConfigError, match="image_size"):
-        export(entry_config("export", tmp_path, [f"ckpt_path={ckpt}", "image_size=[100,128]"]))
+        export(
+            entry_config(
+                "export", tmp_path, [f"ckpt_path={ckpt}", "image_size=[100,128]", "model=demo"]
+            )
+        )
     # a checkpoint for another class count leaves untrained score heads: refused
     torch.save({"model": create_model("demo", num_classes=5).state_dict()}, ckpt)
     with pytest.raises(ConfigError, match="does not fit"):
-        export(entry_config("export", tmp_path, [f"ckpt_path={ckpt}"]))
+        export(entry_config("export", tmp_path, [f"ckpt_path={ckpt}", "model=demo"]))
     with pytest.raises(Exception, match="opset"):
         compose_config("export", ["ckpt_path=x", "opset_version=17"])

@@ -27,10 +27,11 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -40,12 +41,16 @@ __all__ = [
     "ConversionResult",
     "UnsafeCheckpointError",
     "align_to_target",
+    "atomic_write",
     "check_finite",
     "extract_state_dict",
     "infer_num_classes",
     "load_checkpoint_file",
     "load_model_weights",
     "load_weights_into",
+    "model_state_dict",
+    "read_safetensors_metadata",
+    "save_weights_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -272,18 +277,73 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str]) -> list[s
 
 
 def load_weights_into(model: nn.Module, obj: Any, source: str) -> list[str]:
-    """Load the weights held by the loaded checkpoint ``obj`` into ``model`` (strictly) and return
-    the skipped keys; ``source`` names the file in messages.
+    """Load the weights held by the loaded checkpoint ``obj`` (:func:`model_state_dict`) into
+    ``model`` (strictly) and return the skipped keys; ``source`` names the file in messages.
 
-    Accepts a Lightning checkpoint of ``RTDETRModule`` (its ``state_dict`` holds the EMA weights
-    when the EMA callback ran; the ``net.`` prefix is stripped), a file written by
-    ``python -m rtdetr_lit.convert``, a reference checkpoint (EMA preferred) or a bare state dict.
     Class-dependent tensors of another shape (a different number of classes) keep the model's own
     values; their keys are returned and logged. Eval-size buffers always follow the model.
     """
+    result = align_to_target(model_state_dict(obj), model.state_dict(), source=source)
+    model.load_state_dict(result.state_dict, strict=True)
+    return result.skipped
+
+
+def model_state_dict(obj: Any) -> dict[str, Tensor]:
+    """The detector's weights in a loaded checkpoint: a Lightning checkpoint of ``RTDETRModule``
+    (its ``state_dict`` holds the EMA weights when the EMA callback ran; the ``net.`` prefix is
+    stripped), a file written by ``python -m rtdetr_lit.convert`` or a safetensors weights file, a
+    reference checkpoint (EMA preferred) or a bare state dict (:func:`extract_state_dict`)."""
     if isinstance(obj, Mapping) and "pytorch-lightning_version" in obj:
         prefix = "net."
         obj = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
-    result = align_to_target(extract_state_dict(obj), model.state_dict(), source=source)
-    model.load_state_dict(result.state_dict, strict=True)
-    return result.skipped
+    return extract_state_dict(obj)
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (empty when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"could not read safetensors file {path}: {err}") from err
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through ``write(f)`` so that ``path`` is either the old file or the whole new
+    one: a temporary file beside it, flushed to disk, then renamed into place (atomic on POSIX).
+    The file gets the permissions of a normally created file (``0666`` less the umask), not the
+    owner-only ones of a temporary file, so teammates on a shared file system can read it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    # The umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_weights_file(
+    path: str | os.PathLike[str], state_dict: Mapping[str, Tensor], metadata: Mapping[str, str]
+) -> Path:
+    """Write ``state_dict`` as a ``.safetensors`` file with string ``metadata``, atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    data = save(tensors, metadata=dict(metadata))
+    return atomic_write(path, lambda f: f.write(data))

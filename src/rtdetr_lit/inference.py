@@ -19,21 +19,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
-from rtdetr_lit.checkpoints import load_checkpoint_file, load_weights_into
+from rtdetr_lit.checkpoints import (
+    load_checkpoint_file,
+    load_weights_into,
+    read_safetensors_metadata,
+)
 from rtdetr_lit.config import ConfigError
+from rtdetr_lit.record import RECORD_KEY, ModelRecord
 from rtdetr_lit.sizes import check_sizes
 
 __all__ = [
+    "INFERENCE_SETTINGS",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "Checkpoint",
     "ClassInfo",
     "InferenceModel",
+    "apply_record",
     "build_inference_model",
     "classes_from_data",
+    "given_overrides",
     "image_size_of",
     "load_checkpoint_weights",
     "read_checkpoint",
@@ -64,10 +73,12 @@ class InferenceModel(nn.Module):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A weights file read once: its path and what :func:`load_checkpoint_file` returned."""
+    """A weights file read once: its path, what :func:`load_checkpoint_file` returned, and the
+    record of the detector it holds (``None`` for reference, HF and converted files)."""
 
     path: str
     contents: Any
+    record: ModelRecord | None = None
 
     @property
     def hyper_parameters(self) -> Mapping[str, Any]:
@@ -77,13 +88,133 @@ class Checkpoint:
         )
         return hparams if isinstance(hparams, Mapping) else {}
 
+    def classes(self) -> tuple[list[str] | None, list[int] | None]:
+        """Class names and category ids the file holds: its record's, else a Lightning
+        checkpoint's hyper-parameters; ``None`` where it holds none."""
+        if self.record is not None:
+            return list(self.record.class_names), list(self.record.category_ids)
+        hparams = self.hyper_parameters
+        return hparams.get("class_names"), hparams.get("category_ids")
+
 
 def read_checkpoint(path: str | os.PathLike[str] | None) -> Checkpoint:
-    """Read ``ckpt_path`` from disk (no code in it runs); a missing file is a
-    :class:`ConfigError`."""
+    """Read ``ckpt_path`` from disk, once (no code in it runs); a missing file or a broken record
+    is a :class:`ConfigError` naming the file."""
     if path is None or not os.path.isfile(path):
         raise ConfigError(f"ckpt_path: no such file {path}")
-    return Checkpoint(str(path), load_checkpoint_file(path))
+    contents = load_checkpoint_file(path)
+    try:
+        if str(path).lower().endswith(".safetensors"):
+            text = read_safetensors_metadata(path).get(RECORD_KEY)
+            record = ModelRecord.from_json(text, str(path)) if text is not None else None
+        elif isinstance(contents, Mapping) and isinstance(contents.get(RECORD_KEY), Mapping):
+            record = ModelRecord.from_dict(contents[RECORD_KEY], str(path))
+        else:
+            record = None
+    except ValueError as err:
+        raise ConfigError(f"ckpt_path: {err}") from None
+    return Checkpoint(str(path), contents, record)
+
+
+# Settings meant to change at inference, which a checkpoint's record does not fix.
+INFERENCE_SETTINGS = ("eval_idx", "sampling_method", "discrete_snap")
+
+
+def given_overrides() -> dict[str, str]:
+    """The command line's overrides as ``{key: value}`` (``model=r18`` gives ``model``): what the
+    user set, as opposed to a default of the entry config."""
+    if not HydraConfig.initialized():
+        return {}
+    given = {}
+    for text in HydraConfig.get().overrides.task:
+        key, _, value = text.lstrip("+~").partition("=")
+        given[key] = value
+    return given
+
+
+def apply_record(cfg: DictConfig, checkpoint: Checkpoint) -> None:
+    """Make ``cfg`` build the detector that ``checkpoint`` records, in place.
+
+    The model, its number of classes and input size come from the record (the run's data config
+    too, when the command names none), so ``ckpt_path=`` alone is enough. A ``model=``/``data=``
+    setting the command gives that contradicts the record is a :class:`ConfigError` naming both
+    values; settings meant for inference (:data:`INFERENCE_SETTINGS`, the input size) may differ.
+    A file without a record (reference, Hugging Face, converted) needs ``model=`` on the command
+    line, as for training.
+    """
+    record, given = checkpoint.record, given_overrides()
+    if record is None:
+        if not {"model", "experiment"} & given.keys():
+            raise ConfigError(
+                f"model: {checkpoint.path} holds no record of the detector it was trained as (a "
+                "reference, Hugging Face or converted file): name its size and data as for "
+                "training, e.g. model=r50 data=coco"
+            )
+        return
+    _check_agrees(cfg, record, given, checkpoint.path)
+    recorded = record.config or {}
+    # What the command sets inside model and data applies on top of the record (inference
+    # settings, the input size, the data's paths); _check_agrees refused any contradiction.
+    settings = {
+        key: OmegaConf.select(cfg, key)
+        for key in given
+        if key.startswith(("model.", "data.")) and OmegaConf.select(cfg, key) is not None
+    }
+    with open_dict(cfg):
+        if "model" in recorded:  # the run's model config: its criterion and post-processor
+            cfg.model = OmegaConf.create(recorded["model"])
+            cfg.model.init_from = None
+        if not {"data", "experiment"} & given.keys() and "data" in recorded:
+            cfg.data = OmegaConf.create(recorded["data"])
+        net = cfg.model.net
+        net.update(record.spec())
+        net.name, net.num_classes, net.backbone_weights = record.model, record.num_classes, None
+        cfg.model.postprocessor.num_classes = record.num_classes
+        cfg.model.postprocessor.num_top_queries = record.num_top_queries
+        if "criterion" in cfg.model:
+            cfg.model.criterion.num_classes = record.num_classes
+        cfg.data.num_classes = record.num_classes
+        if "image_size" in cfg and "image_size" not in given:
+            cfg.image_size = list(record.image_size)
+        for key, value in settings.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+
+
+def _check_agrees(
+    cfg: DictConfig, record: ModelRecord, given: Mapping[str, str], path: str
+) -> None:
+    spec = record.spec()
+    checks: list[tuple[str, Any, Any]] = []  # (key, what the command says, what the record says)
+    if {"model", "experiment"} & given.keys():
+        checks.append(("model", cfg.model.net.name, record.model))
+    for key in given:
+        field = key.removeprefix("model.net.")
+        if field != key and field in spec and field not in INFERENCE_SETTINGS:
+            checks.append((key, OmegaConf.select(cfg, key), spec[field]))
+    if {"sampling", "sampling.num_points", "experiment"} & given.keys():
+        checks.append(("sampling.num_points", cfg.model.net.num_points, spec["num_points"]))
+    if {"data", "data.num_classes", "experiment"} & given.keys() and cfg.data.num_classes:
+        checks.append(("data.num_classes", cfg.data.num_classes, record.num_classes))
+    for key, said, recorded in checks:
+        said = OmegaConf.to_container(said) if isinstance(said, ListConfig) else said
+        if _plain(said) != _plain(recorded):
+            raise ConfigError(
+                f"{key}: {path} holds a detector trained with {key}={_text(recorded)}, but the "
+                f"command says {key}={_text(said)}. Leave it out (the checkpoint describes "
+                f"itself); only {', '.join(INFERENCE_SETTINGS)} and the input size may differ"
+            )
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _text(value: Any) -> str:
+    return (
+        json.dumps(_plain(value)).replace(" ", "")
+        if isinstance(value, (list, tuple))
+        else str(value)
+    )
 
 
 def load_checkpoint_weights(net: nn.Module, checkpoint: Checkpoint, cfg: DictConfig) -> None:
@@ -164,11 +295,10 @@ def classes_from_data(data_cfg: DictConfig) -> tuple[list[str] | None, list[int]
 
 
 def resolve_classes(cfg: DictConfig, checkpoint: Checkpoint, num_classes: int) -> ClassInfo:
-    """Class names and category ids for ``checkpoint``, first found wins: its hyper-parameters
-    (``RTDETRModule(class_names=..., category_ids=...)``), the data config's datamodule
-    (:func:`classes_from_data`), then ``"class N"`` and the contiguous labels."""
-    hparams = checkpoint.hyper_parameters
-    names, ids = hparams.get("class_names"), hparams.get("category_ids")
+    """Class names and category ids for ``checkpoint``, first found wins: the file's own
+    (:meth:`Checkpoint.classes`), the data config's datamodule (:func:`classes_from_data`), then
+    ``"class N"`` and the contiguous labels."""
+    names, ids = checkpoint.classes()
     source = f"ckpt_path {checkpoint.path}"
     if names is None and ids is None:
         names, ids = classes_from_data(cfg.data)

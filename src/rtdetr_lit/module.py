@@ -24,6 +24,7 @@ from torchvision.ops import box_convert
 from rtdetr_lit.checkpoints import load_model_weights
 from rtdetr_lit.models.postprocess import RTDETRPostProcessor
 from rtdetr_lit.optim import build_param_groups, clip_gradients
+from rtdetr_lit.record import RECORD_KEY, record_of
 
 __all__ = ["RTDETRModule"]
 
@@ -128,6 +129,10 @@ class RTDETRModule(L.LightningModule):
             if missing:
                 log.warning("kept the fresh initialisation of: %s", ", ".join(missing))
 
+    # The composed config of the run that trains this module (set by ``rtdetr_lit.train``):
+    # stored in every checkpoint's record, for the record.
+    run_config: dict[str, Any] | None = None
+
     # -- set-up -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -148,6 +153,21 @@ class RTDETRModule(L.LightningModule):
                 f"the dataset has {num_classes} classes but the model was built for "
                 f"{model_classes}: set data.num_classes (the model reads it)"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the record that lets eval, export, predict and ``rtdetr_lit.load`` rebuild the
+        detector from the checkpoint alone (:mod:`rtdetr_lit.record`)."""
+        dm = getattr(self._trainer, "datamodule", None)
+        record = record_of(
+            self.net,
+            self.postprocessor.num_top_queries,
+            self.class_names,
+            self.category_ids,
+            getattr(dm, "image_size", None),
+            self.run_config,
+        )
+        if record is not None:
+            checkpoint[RECORD_KEY] = record.to_dict()
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eval-mode detector outputs: ``pred_logits`` (B, Q, C), ``pred_boxes`` (B, Q, 4)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -23,6 +25,10 @@ class RTDETR(nn.Module):
     (N,) int64 and ``boxes`` (N, 4) normalised cxcywh; the output also holds ``aux_outputs``,
     ``enc_outputs``, ``dn_outputs`` and ``dn_meta`` for the loss (see ``RTDETRTransformer``).
     """
+
+    # Set by ``create_model``: the size name and the ``ModelSpec`` the model was built from.
+    size_name: str | None = None
+    spec: Any = None
 
     def __init__(self, backbone: PResNet, encoder: HybridEncoder, decoder: RTDETRTransformer):
         super().__init__()

@@ -139,4 +139,6 @@ def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDET
     model = RTDETR(backbone, encoder, decoder)
     model.set_sampling_method(spec.sampling_method, spec.discrete_snap)
     model.channels_last = spec.channels_last
+    # What the model was built as, for the record a checkpoint carries (rtdetr_lit.record).
+    model.size_name, model.spec = name, spec
     return model

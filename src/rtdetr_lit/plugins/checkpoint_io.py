@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from rtdetr_lit.checkpoints import check_finite, load_checkpoint_file
+from rtdetr_lit.checkpoints import atomic_write, check_finite, load_checkpoint_file
 
 __all__ = ["SafeCheckpointIO", "ensure_safe_checkpoint_io"]
 
@@ -19,10 +17,10 @@ __all__ = ["SafeCheckpointIO", "ensure_safe_checkpoint_io"]
 class SafeCheckpointIO(TorchCheckpointIO):
     """Every checkpoint Lightning reads or writes goes through here.
 
-    - Writing: to a temporary file beside the target, flushed to disk, then renamed into place.
-      The rename is atomic on POSIX file systems, so a run killed at any moment (SIGKILL,
-      pre-emption) leaves either the previous ``last.ckpt`` or the new one, never a truncated
-      file.
+    - Writing: :func:`rtdetr_lit.checkpoints.atomic_write`, to a temporary file beside the target
+      then renamed into place, so a run killed at any moment (SIGKILL, pre-emption) leaves either
+      the previous ``last.ckpt`` or the new one, never a truncated file; with the permissions the
+      user's umask gives a new file.
     - Reading (resume, ``trainer.test(ckpt_path=...)``, any path restored from a checkpoint):
       :func:`rtdetr_lit.checkpoints.load_checkpoint_file`, which never runs code stored in the
       file whatever ``weights_only`` Lightning asks for, and refuses detector weights holding NaN
@@ -34,18 +32,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None:
             raise TypeError("SafeCheckpointIO takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(
         self, path: str | os.PathLike[str], map_location: Any = None, weights_only: Any = None
