@@ -10,15 +10,24 @@ More kinds of mistakes are caught here (:func:`check_config` runs them all):
 * a key inside a ``_target_`` node that the target does not accept: :func:`validate_config` checks
   every such node against the signature of its target before anything is built or downloaded;
 * values that only fail deep inside a run: a sampling-point layout the model cannot take, a
-  discrete fine-tuning stage from the first step without trained weights to start from.
+  discrete fine-tuning stage from the first step without trained weights to start from;
+* a required value (``???`` in a config: ``ckpt_path`` of eval/export/predict, ``source``,
+  ``data.root`` of ``data=custom``) that was not given: :func:`check_required` names it with an
+  example command.
+
+The schemas of eval, export and predict declare their required values ``MISSING`` too: OmegaConf
+keeps a value when ``???`` is merged onto it, so a ``???`` in a YAML file over a schema default (or
+over a value of the config it builds on) would otherwise be lost.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
-from collections.abc import Iterator
+import shlex
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,16 +36,21 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 __all__ = [
     "CONFIG_DIR",
     "ConfigError",
     "check_config",
     "check_finetune_start",
+    "check_required",
     "check_sampling_layout",
     "compose_config",
+    "did_you_mean",
+    "missing_keys",
     "register_schemas",
+    "required_message",
+    "suggest",
     "validate_config",
 ]
 
@@ -114,11 +128,13 @@ class TrainSchema(_CommonSchema):
 @dataclass
 class EvalSchema(_CommonSchema):
     task_name: str = "eval"
+    ckpt_path: Any = MISSING
 
 
 @dataclass
 class ExportSchema(_CommonSchema):
     task_name: str = "export"
+    ckpt_path: Any = MISSING
     format: str = "onnx"
     opset: int = 17
     output: Any = None
@@ -128,7 +144,8 @@ class ExportSchema(_CommonSchema):
 @dataclass
 class PredictSchema(_CommonSchema):
     task_name: str = "predict"
-    source: Any = None
+    ckpt_path: Any = MISSING
+    source: Any = MISSING
     threshold: float = 0.5
     backend: str = "torch"
     batch_size: int = 1
@@ -204,10 +221,32 @@ def validate_config(cfg: DictConfig, keys: tuple[str, ...] | None = None) -> Non
                 continue
             unknown = [k for k in node if k not in _HYDRA_KEYS and k not in params]
             if unknown:
+                accepted = [p for p in params if p != "self"]
+                close = [m for k in unknown for m in suggest(str(k), accepted)]
+                hint = f" ({did_you_mean(f'{path}.{m}' for m in close)})" if close else ""
                 raise ConfigError(
-                    f"{path}: {target} has no parameter {', '.join(map(repr, unknown))}; "
-                    f"it accepts {', '.join(p for p in params if p != 'self')}"
+                    f"{path}: {target} has no parameter {', '.join(map(repr, unknown))}{hint}; "
+                    f"it accepts {', '.join(accepted)}"
                 )
+
+
+def suggest(word: str, candidates: Iterable[str]) -> list[str]:
+    """The candidates nearest to a misspelt ``word`` (at most three, best first; none when
+    nothing is close): ``suggest("max_epoch", trainer keys) == ["max_epochs"]``."""
+    names = [c for c in candidates if isinstance(c, str)]
+    close = difflib.get_close_matches(word, names, n=3, cutoff=0.6)
+    if not close:
+        return []
+    best = difflib.SequenceMatcher(None, word, close[0]).ratio()
+    # Only the nearest few: max_epoch suggests max_epochs, not min_epochs as well.
+    return [c for c in close if difflib.SequenceMatcher(None, word, c).ratio() >= best - 0.1]
+
+
+def did_you_mean(names: Iterable[str]) -> str:
+    """``did you mean a?``, ``did you mean a or b?``, ``did you mean a, b or c?``"""
+    words = list(dict.fromkeys(names))
+    either = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+    return f"did you mean {either}?"
 
 
 def compose_config(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
@@ -226,6 +265,7 @@ _BUILT_GROUPS = ("data", "model", "callbacks", "logger", "trainer")
 
 def check_config(cfg: DictConfig) -> None:
     """Every check of this module on a composed entry config; raises :class:`ConfigError`."""
+    check_required(cfg)
     validate_config(cfg, keys=tuple(k for k in _BUILT_GROUPS if cfg.get(k) is not None))
     check_sampling_layout(cfg)
     check_finetune_start(cfg)
@@ -260,3 +300,66 @@ def check_finetune_start(cfg: DictConfig) -> None:
         "checkpoint, a converted or a reference file), or set "
         "callbacks.discrete_finetune.switch_epoch=E > 0 to train with grid_sample first"
     )
+
+
+# How a required value is given, in the example command of its error message.
+_EXAMPLES = {
+    "ckpt_path": "logs/train/runs/<run>/checkpoints/last.ckpt",
+    "source": "path/to/images",
+    "data.root": "/path/to/dataset",
+    "data.num_classes": "N",
+    "data.names": "[cat,dog]",
+}
+# The commands whose Hydra job name (the module's) is worth an example command.
+_COMMANDS = ("train", "eval", "export", "predict", "speed_accuracy")
+
+
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """The key paths of the required values (``???``) that ``cfg`` still lacks, in config order;
+    Hydra's own node is not searched."""
+    found: list[str] = []
+
+    def walk(node: DictConfig | ListConfig, path: str) -> None:
+        keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+        for key in keys:
+            if node is cfg and key == "hydra":
+                continue
+            sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip(".")
+            if OmegaConf.is_missing(node, key):
+                found.append(sub)
+                continue
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)) and not (
+                child._is_none() or child._is_interpolation()
+            ):
+                walk(child, sub)
+
+    walk(cfg, "")
+    return found
+
+
+def required_message(keys: list[str], cfg: DictConfig | None = None) -> str:
+    """``ckpt_path is required: python -m rtdetr_lit.eval ckpt_path=...``: the missing keys and
+    the command as it was given (Hydra's overrides) with a value for each of them."""
+    job, given = "", []
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        job, given = hydra_cfg.job.name, list(hydra_cfg.overrides.task)
+    task = cfg.get("task_name") if cfg is not None else None
+    if job not in _COMMANDS:
+        job = task if task in _COMMANDS else "train"
+    # speed_accuracy runs the eval config with task_name=speed_accuracy added to its overrides.
+    given = [o for o in given if o != f"task_name={job}" and o.split("=", 1)[0] not in keys]
+    words = [f"python -m rtdetr_lit.{job}", *map(shlex.quote, given)]
+    words += [f"{k}={_EXAMPLES.get(k, '...')}" for k in keys]
+    verb = "is" if len(keys) == 1 else "are"
+    named = keys[0] if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]}"
+    return f"{named} {verb} required: {' '.join(words)}"
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Refuse a composed config that still has a required value (``???``) before anything is built;
+    the :class:`ConfigError` names each one and gives an example command."""
+    keys = missing_keys(cfg)
+    if keys:
+        raise ConfigError(required_message(keys, cfg))

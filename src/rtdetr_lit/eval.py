@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from rtdetr_lit.config import CONFIG_DIR, register_schemas
+from rtdetr_lit.cli import hydra_main
+from rtdetr_lit.config import register_schemas
 from rtdetr_lit.inference import load_checkpoint_weights, read_checkpoint
 from rtdetr_lit.run import build_callbacks, build_loggers, finish_run, prepare_run
 
@@ -41,7 +41,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return finish_run(cfg, trainer, dict(trainer.callback_metrics))
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+@hydra_main("eval")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     evaluate(cfg)

@@ -25,11 +25,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from rtdetr_lit.config import CONFIG_DIR, ConfigError, register_schemas
+from rtdetr_lit.cli import hydra_main
+from rtdetr_lit.config import ConfigError, register_schemas
 from rtdetr_lit.inference import (
     INPUT_NAMES,
     OUTPUT_NAMES,
@@ -138,7 +138,7 @@ def export(cfg: DictConfig) -> Path:
     return export_checkpoint(cfg, cfg.output)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
+@hydra_main("export")
 def main(cfg: DictConfig) -> Any:
     """Hydra entry point."""
     return export(cfg)

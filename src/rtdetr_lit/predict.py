@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from rtdetr_lit.config import CONFIG_DIR, ConfigError, register_schemas
+from rtdetr_lit.cli import hydra_main
+from rtdetr_lit.config import ConfigError, register_schemas
 from rtdetr_lit.data.transforms import build_transforms
 from rtdetr_lit.export import export_checkpoint
 from rtdetr_lit.inference import (
@@ -358,7 +358,7 @@ def _predict_video(
     return target
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
+@hydra_main("predict")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     predict(cfg)

@@ -29,12 +29,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
-from rtdetr_lit.config import CONFIG_DIR, register_schemas
+from rtdetr_lit.cli import hydra_main
+from rtdetr_lit.config import register_schemas
 from rtdetr_lit.inference import load_checkpoint_weights, read_checkpoint
 from rtdetr_lit.models.deformable import SAMPLING_METHODS
 from rtdetr_lit.run import prepare_run
@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Hydra reads sys.argv; its run directory is logs/speed_accuracy/runs/<date_time>.
     sys.argv = [sys.argv[0], "task_name=speed_accuracy", *overrides]
 
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+    @hydra_main("eval")
     def task(cfg: DictConfig) -> None:
         run(cfg, args)
 

@@ -14,10 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from rtdetr_lit.config import CONFIG_DIR, register_schemas
+from rtdetr_lit.cli import hydra_main
+from rtdetr_lit.config import register_schemas
 from rtdetr_lit.run import (
     build_callbacks,
     build_loggers,
@@ -90,7 +90,7 @@ def _best_checkpoint_of_this_run(trainer: Any) -> str | None:
     return best
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@hydra_main("train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the optimised metric for sweepers."""
     metrics = train(cfg)
