@@ -15,8 +15,7 @@ GPU (the project machines have none).
 ``train_fp16``  r18, ``trainer=gpu trainer.precision=16-mixed``, 20 steps
 ``eval``        ``rtdetr_lit.eval`` of train_bf16's ``last.ckpt`` on the GPU (val mAP, about 0
                 after 50 steps: the check is that it runs)
-``predict``     ``rtdetr_lit.predict device=cuda`` on the validation pictures (skipped while
-                predict has no ``device=`` option)
+``predict``     ``rtdetr_lit.predict device=cuda`` on the validation pictures
 ``export_onnx`` ``rtdetr_lit.export`` of the checkpoint
 ``onnx_parity`` ONNX Runtime's CUDAExecutionProvider against the PyTorch model on CUDA, same
                 random input: detections paired within ``--parity-atol`` (TF32 off), one query
@@ -78,7 +77,6 @@ TIMEOUTS = {
     "onnx_parity": 240,
 }
 NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
-NO_PREDICT_DEVICE = "predict has no device= option yet"
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
 
@@ -228,38 +226,15 @@ def make_plan(args: argparse.Namespace, cuda_devices: int, cpus: int | None = No
     )
 
 
-def skip_reasons(
-    plan: Plan, *, cuda: bool, providers: Sequence[str], predict_device: bool
-) -> dict[str, str]:
+def skip_reasons(plan: Plan, *, cuda: bool, providers: Sequence[str]) -> dict[str, str]:
     """Checks that cannot run on this machine, known before anything runs, with the reason."""
     if not plan.smoke and not cuda:
         return dict.fromkeys(CHECKS, NO_CUDA)
     reasons = {}
-    if not predict_device:
-        reasons["predict"] = NO_PREDICT_DEVICE
     if plan.provider not in providers:
         hint = " (pip install onnxruntime-gpu)" if plan.provider.startswith("CUDA") else ""
         reasons["onnx_parity"] = f"onnxruntime has no {plan.provider}{hint}"
     return reasons
-
-
-def predict_has_device_option() -> bool:
-    """Whether ``rtdetr_lit.predict`` takes ``device=`` (a key of its composed config)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from rtdetr_lit.config import CONFIG_DIR, register_schemas
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("predict", overrides=["ckpt_path=x.ckpt", "source=x.jpg"])
-        return "device" in cfg
-    except Exception:  # a config that does not compose has no usable option either
-        return False
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # -- the commands ----------------------------------------------------------------------------
@@ -805,9 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("--cpu-smoke runs the same pipeline small on the CPU")
     print()
 
-    reasons = skip_reasons(
-        plan, cuda=cuda, providers=providers, predict_device=predict_has_device_option()
-    )
+    reasons = skip_reasons(plan, cuda=cuda, providers=providers)
     chosen = selected_checks(args)
     runner = Runner(plan, root, run_dir, args.timeout)
     results = []

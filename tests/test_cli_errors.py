@@ -58,8 +58,8 @@ def test_missing_required_values_are_one_line_with_an_example(runs) -> None:
     # train keeps its defaults (no ckpt_path); data=custom needs where the data is.
     assert runs["custom"] == (
         2,
-        "data.root and data.num_classes are required: python -m rtdetr_lit.train data=custom "
-        "data.root=/path/to/dataset data.num_classes=N\n",
+        "data.root is required: python -m rtdetr_lit.train data=custom "
+        "data.root=/path/to/dataset\n",
     )
 
 

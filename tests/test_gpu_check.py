@@ -126,33 +126,19 @@ def test_cpu_smoke_plan_is_the_same_pipeline_small_on_the_cpu(gc, tmp_path: Path
 
 def test_without_cuda_every_gpu_check_is_skipped_with_the_reason(gc) -> None:
     gpu = gc.make_plan(gc.parse_args([]), cuda_devices=0)
-    reasons = gc.skip_reasons(
-        gpu, cuda=False, providers=["CPUExecutionProvider"], predict_device=True
-    )
+    reasons = gc.skip_reasons(gpu, cuda=False, providers=["CPUExecutionProvider"])
     assert reasons == dict.fromkeys(gc.CHECKS, gc.NO_CUDA)
     assert "no CUDA device" in gc.NO_CUDA
 
-    # With CUDA: predict waits for its device= option, parity for onnxruntime-gpu.
-    reasons = gc.skip_reasons(
-        gpu, cuda=True, providers=["CPUExecutionProvider"], predict_device=False
-    )
+    # With CUDA: the parity check needs onnxruntime-gpu.
+    reasons = gc.skip_reasons(gpu, cuda=True, providers=["CPUExecutionProvider"])
     assert reasons == {
-        "predict": "predict has no device= option yet",
         "onnx_parity": "onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)",
     }
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert gc.skip_reasons(gpu, cuda=True, providers=providers, predict_device=True) == {}
+    assert gc.skip_reasons(gpu, cuda=True, providers=providers) == {}
     smoke = gc.make_plan(gc.parse_args(["--cpu-smoke"]), cuda_devices=0)
-    assert (
-        gc.skip_reasons(smoke, cuda=False, providers=["CPUExecutionProvider"], predict_device=True)
-        == {}
-    )
-
-
-def test_predict_device_option_is_read_from_the_composed_predict_config(gc) -> None:
-    cfg = compose_config("predict", ["ckpt_path=x.ckpt", "source=x.jpg"])
-    GlobalHydra.instance().clear()
-    assert gc.predict_has_device_option() is ("device" in cfg)
+    assert gc.skip_reasons(smoke, cuda=False, providers=["CPUExecutionProvider"]) == {}
 
 
 def test_hydra_values_with_grammar_characters_are_quoted(gc) -> None:

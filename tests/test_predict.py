@@ -215,3 +215,10 @@ def test_errors_name_the_setting(tmp_path, checkpoint, pictures):
     graph.write_bytes(b"")
     with pytest.raises(ConfigError, match="use backend=onnx"):
         run(tmp_path, graph, pictures)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^device: cuda is not available here"):
+            run(tmp_path, checkpoint, pictures, "device=cuda")
+    with pytest.raises(ConfigError, match=r"^precision: 'half' is not one of"):
+        run(tmp_path, checkpoint, pictures, "precision=half")
+    with pytest.raises(ConfigError, match=r"^precision: an ONNX graph runs in the precision"):
+        run(tmp_path, checkpoint, pictures, "backend=onnx", "precision=bf16")

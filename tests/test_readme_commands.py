@@ -879,14 +879,16 @@ def _rewrite_options(args: Sequence[str], values: dict[str, str]) -> list[str]:
     return out
 
 
-def _convert_input(args: Sequence[str], cwd: Path) -> None:
+def _convert_input(args: Sequence[str], cwd: Path, ws: Workspace) -> None:
     """The checkpoint a ``rtdetr_lit.convert`` command reads, made where it names it."""
     from rtdetr_lit.convert import _parser
 
     parsed = _parser().parse_args(list(args))
     path = cwd / parsed.input
     path.parent.mkdir(parents=True, exist_ok=True)
-    if parsed.source == "reference":
+    if parsed.source == "lightning":  # the training checkpoint of the scaled-down main job
+        shutil.copy(ws.weights("demo", 6), path)
+    elif parsed.source == "reference":
         from rtdetr_lit import create_model
         from rtdetr_lit.checkpoints import EVAL_SIZE_BUFFERS
 
@@ -938,7 +940,7 @@ def cpu_twin(command: Command, ws: Workspace, cwd: Path) -> list[str]:
         _make_sources(entry, overrides, cwd)
         return [*program, *flags, *overrides]
     if module == "rtdetr_lit.convert":
-        _convert_input(args, cwd)
+        _convert_input(args, cwd, ws)
         return [*program, *args]
 
     script = module.rpartition(".")[2] if module else Path(command.program.split()[1]).stem

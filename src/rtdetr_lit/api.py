@@ -143,8 +143,8 @@ class Detector:
         self, images: Iterable[np.ndarray], threshold: float = 0.5, batch_size: int = 8
     ) -> Iterator[Detections]:
         """:meth:`predict` for an iterable of HWC uint8 RGB arrays (video frames, a large folder),
-        one :class:`Detections` at a time. The next batch is read and resized in a background
-        thread while the network runs on the current one."""
+        one :class:`Detections` at a time. On a GPU the next batch is read and resized in a
+        background thread while the network runs on the current one."""
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold: {threshold} is not in [0, 1]")
         if batch_size < 1:
@@ -154,6 +154,11 @@ class Detector:
         def read_next() -> tuple[np.ndarray, np.ndarray] | None:
             return self._prepare(next(batches, None))
 
+        if self.device.type == "cpu":
+            # The CPU's cores are the network's: a reading thread beside its threads slows it.
+            while (prepared := read_next()) is not None:
+                yield from self._detect(*prepared, threshold)
+            return
         # One task at a time: the generator is only ever advanced by the pool's thread.
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(read_next)
@@ -284,7 +289,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None`` or ``"auto"``: CUDA when available, else the CPU; else as torch reads it."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: {device} is not available here (torch.cuda.is_available() is False); "
+            "use device=cpu, or device=auto to take CUDA when there is one"
+        )
+    return resolved
 
 
 def onnx_runner(

@@ -148,6 +148,8 @@ class PredictSchema(_CommonSchema):
     source: Any = MISSING
     threshold: float = 0.5
     backend: str = "torch"
+    device: str = "auto"
+    precision: str = "fp32"
     batch_size: int = 1
     output: Any = None
     image_size: Any = None

@@ -1,9 +1,13 @@
-"""Convert RT-DETRv2 checkpoints (reference or Hugging Face) into rtdetr_lit state dicts.
+"""Convert RT-DETRv2 checkpoints (reference or Hugging Face) into rtdetr_lit state dicts, and
+training checkpoints into the shareable ``model.safetensors``.
 
 Command line (``--help`` for details)::
 
     python -m rtdetr_lit.convert --from reference --model r18 rtdetrv2_r18vd.pth r18.pth
     python -m rtdetr_lit.convert --from hf --model r50 model.safetensors r50.pth --num-classes 20
+    python -m rtdetr_lit.convert --from lightning best.ckpt model.safetensors
+
+``--from lightning`` writes :func:`write_weights_file`'s file; the others write:
 
 Output file (``torch.save``; loads with ``torch.load(weights_only=True)``)::
 
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -66,8 +71,11 @@ from rtdetr_lit.checkpoints import (
     extract_state_dict,
     infer_num_classes,
     load_checkpoint_file,
+    model_state_dict,
+    save_weights_file,
 )
 from rtdetr_lit.models.zoo import MODEL_NAMES
+from rtdetr_lit.record import RECORD_KEY
 
 __all__ = [
     "build_target_state_dict",
@@ -76,6 +84,7 @@ __all__ = [
     "convert_reference_state_dict",
     "main",
     "to_hf_state_dict",
+    "write_weights_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -351,6 +360,26 @@ def to_hf_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def write_weights_file(
+    checkpoint_path: str | os.PathLike[str], output: str | os.PathLike[str]
+) -> Path:
+    """Write the shareable weights of a training checkpoint: its detector weights (the EMA ones
+    when the EMA callback ran) as ``.safetensors``, with the checkpoint's record
+    (:mod:`rtdetr_lit.record`) in the metadata so that the file loads alone."""
+    from rtdetr_lit.inference import read_checkpoint
+
+    if Path(output).suffix != ".safetensors":
+        raise ValueError(f"{output}: the weights file must end in .safetensors")
+    checkpoint = read_checkpoint(checkpoint_path)
+    if checkpoint.record is None:
+        raise ValueError(
+            f"{checkpoint_path} holds no rtdetr_lit record (not a training checkpoint of this "
+            "package, or written before records existed): nothing describes its detector"
+        )
+    metadata = {RECORD_KEY: checkpoint.record.to_json(), "format": "pt"}
+    return save_weights_file(output, model_state_dict(checkpoint.contents), metadata)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m rtdetr_lit.convert",
@@ -369,14 +398,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--from",
         dest="source",
-        choices=("reference", "hf"),
+        choices=("reference", "hf", "lightning"),
         required=True,
         help="reference: a lyuwenyu/RT-DETR rtdetrv2 checkpoint (ema.module, else model, else a "
         "bare state dict; also our own converted files). hf: RTDetrV2ForObjectDetection weights "
-        "(model.safetensors or pytorch_model.bin)",
+        "(model.safetensors or pytorch_model.bin). lightning: a training checkpoint of this "
+        "package, written as the shareable OUT.safetensors (EMA weights and the detector's "
+        "record; --model and --num-classes do not apply)",
     )
     parser.add_argument(
-        "--model", required=True, choices=MODEL_NAMES, help="zoo size of the checkpoint"
+        "--model", choices=MODEL_NAMES, help="zoo size of the checkpoint (reference and hf)"
     )
     parser.add_argument(
         "--num-classes",
@@ -393,8 +424,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see ``python -m rtdetr_lit.convert --help``."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.source == "lightning":
+        try:
+            path = write_weights_file(args.input, args.output)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: {err}") from err
+        logger.info("wrote %s (%.1f MB)", path, path.stat().st_size / 2**20)
+        return 0
+    if args.model is None:
+        parser.error(f"--model is required with --from {args.source}")
     from rtdetr_lit import create_model
 
     try:

@@ -1,9 +1,11 @@
-"""Evaluate a checkpoint: ``python -m rtdetr_lit.eval ckpt_path=PATH [model=... data=...]``.
+"""Evaluate a checkpoint: ``python -m rtdetr_lit.eval ckpt_path=PATH``.
 
-Computes COCO mAP on the validation split. ``ckpt_path`` may be a Lightning checkpoint of a run
-(its EMA weights are used), a file written by ``python -m rtdetr_lit.convert``, or a reference
-RT-DETRv2 checkpoint. Give the same ``model=``/``data=`` (or ``experiment=``) as for training;
-``model.net.eval_idx=K`` and ``model.net.sampling_method=discrete`` evaluate faster variants.
+Computes COCO mAP on the validation split. A checkpoint of this package (or its
+``model.safetensors``) records its detector and the run's data config, so ``ckpt_path`` alone
+reproduces the run's validation; ``data=...`` evaluates it on another dataset with the same
+classes. A file written by ``python -m rtdetr_lit.convert`` or a reference RT-DETRv2 checkpoint
+needs ``model=``/``data=`` (or ``experiment=``) as for training. ``model.net.eval_idx=K`` and
+``model.net.sampling_method=discrete`` evaluate faster variants.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from omegaconf import DictConfig
 
 from rtdetr_lit.cli import hydra_main
 from rtdetr_lit.config import register_schemas
-from rtdetr_lit.inference import load_checkpoint_weights, read_checkpoint
+from rtdetr_lit.inference import apply_record, load_checkpoint_weights, read_checkpoint
 from rtdetr_lit.run import build_callbacks, build_loggers, finish_run, prepare_run
 
 log = logging.getLogger(__name__)
@@ -24,13 +26,16 @@ register_schemas()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Build data and model from ``cfg``, load ``cfg.ckpt_path`` into the model, validate."""
+    """Build data and model for ``cfg.ckpt_path`` (:func:`~rtdetr_lit.inference.apply_record`),
+    load its weights into the model, validate."""
     from hydra.utils import instantiate
 
     prepare_run(cfg)
+    checkpoint = read_checkpoint(cfg.ckpt_path)
+    apply_record(cfg, checkpoint)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.model, init_from=None)
-    load_checkpoint_weights(module.net, read_checkpoint(cfg.ckpt_path), cfg)
+    load_checkpoint_weights(module.net, checkpoint, cfg)
     trainer = instantiate(
         cfg.trainer,
         callbacks=build_callbacks(cfg.get("callbacks")),

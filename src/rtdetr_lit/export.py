@@ -1,4 +1,4 @@
-"""Export a checkpoint to ONNX: ``python -m rtdetr_lit.export ckpt_path=PATH [model=... data=...]``.
+"""Export a checkpoint to ONNX: ``python -m rtdetr_lit.export ckpt_path=PATH``.
 
 The graph holds the whole detector with its post-processing (docs/rtdetrv2.md §8), RepVGG blocks and
 conv+BN pairs fused (``RTDETR.deploy``):
@@ -10,8 +10,10 @@ conv+BN pairs fused (``RTDETR.deploy``):
 * N is dynamic; the model's metadata holds ``class_names`` and ``category_ids`` (JSON lists) so
   that a graph can be used without its training config.
 
-``ckpt_path`` is a Lightning checkpoint of a run (its EMA weights), a file written by
-``python -m rtdetr_lit.convert`` or a reference RT-DETRv2 checkpoint. With
+``ckpt_path`` is a Lightning checkpoint of a run (its EMA weights) or its ``model.safetensors``,
+which record the detector, its classes and input size; or a file written by
+``python -m rtdetr_lit.convert`` or a reference RT-DETRv2 checkpoint, which need
+``model=``/``data=`` as for training. ``image_size=[H,W]`` exports for another input size; with
 ``model.net.sampling_method=discrete`` the graph contains no GridSample node.
 """
 
@@ -35,6 +37,7 @@ from rtdetr_lit.inference import (
     OUTPUT_NAMES,
     Checkpoint,
     InferenceModel,
+    apply_record,
     build_inference_model,
     image_size_of,
     read_checkpoint,
@@ -111,11 +114,13 @@ def export_onnx(
 def export_checkpoint(
     cfg: DictConfig, path: str | os.PathLike[str], checkpoint: Checkpoint | None = None
 ) -> Path:
-    """Build the model of ``cfg`` with the weights of ``checkpoint`` (read from ``cfg.ckpt_path``
-    when not given) and write it as ONNX to ``path``, with the class names and category ids
+    """Build the model of ``checkpoint`` (read from ``cfg.ckpt_path`` and applied to ``cfg`` when
+    not given) and write it as ONNX to ``path``, with the class names and category ids
     (:func:`~rtdetr_lit.inference.resolve_classes`) in the graph's metadata."""
+    if checkpoint is None:
+        checkpoint = read_checkpoint(cfg.ckpt_path)
+        apply_record(cfg, checkpoint)
     image_size = image_size_of(cfg)
-    checkpoint = checkpoint or read_checkpoint(cfg.ckpt_path)
     model = build_inference_model(cfg, checkpoint)
     classes = resolve_classes(cfg, checkpoint, model.postprocessor.num_classes)
     metadata = {

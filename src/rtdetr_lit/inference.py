@@ -30,6 +30,7 @@ from rtdetr_lit.checkpoints import (
 )
 from rtdetr_lit.config import ConfigError
 from rtdetr_lit.record import RECORD_KEY, ModelRecord
+from rtdetr_lit.run import derive_num_classes
 from rtdetr_lit.sizes import check_sizes
 
 __all__ = [
@@ -150,6 +151,7 @@ def apply_record(cfg: DictConfig, checkpoint: Checkpoint) -> None:
                 "reference, Hugging Face or converted file): name its size and data as for "
                 "training, e.g. model=r50 data=coco"
             )
+        derive_num_classes(cfg)
         return
     _check_agrees(cfg, record, given, checkpoint.path)
     recorded = record.config or {}

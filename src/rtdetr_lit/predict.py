@@ -4,42 +4,47 @@
 Written to ``output`` (by default the run directory):
 
 * every picture with its detections drawn (boxes, class names, scores), under the same relative
-  path and format as its source; every video as an annotated ``.mp4`` of the same frame rate;
+  path and format as its source; every video as an annotated H.264 ``.mp4`` of the same frame
+  rate, which browsers play (:mod:`rtdetr_lit.video`);
 * ``predictions.json``: COCO-style results, one entry per detection with ``image_id``,
   ``category_id``, ``bbox`` ([x, y, width, height] in original pixels) and ``score``, plus
   ``file_name`` (and ``frame`` for videos). When every source is an image named by a number (as in
   COCO, ``000000397133.jpg``) that number is the ``image_id``, so the file evaluates directly
   against the dataset's annotations; otherwise pictures and frames are numbered from 0.
 
-Images are resized to ``image_size`` by the validation pipeline (no aspect kept); boxes come back
-in the original pixels. ``backend=onnx`` runs the graph of ``python -m rtdetr_lit.export`` with ONNX
-Runtime: ``ckpt_path`` may be such an ``.onnx`` file, any other checkpoint is exported first.
+The detector is :class:`rtdetr_lit.api.Detector`, as ``rtdetr_lit.load`` returns it: images are
+resized to ``image_size`` by the validation pipeline (no aspect kept); boxes come back in the
+original pixels. A checkpoint of this package needs nothing else (its record names the model and
+classes); reference and converted files need ``model=``/``data=``. ``device=auto`` runs on CUDA
+when available, ``precision=bf16|fp16`` under autocast. ``backend=onnx`` runs the graph of
+``python -m rtdetr_lit.export`` with ONNX Runtime (the CUDA provider when installed):
+``ckpt_path`` may be such an ``.onnx`` file, any other checkpoint is exported first.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from rtdetr_lit.api import Detections, Detector, onnx_runner, resolve_device
 from rtdetr_lit.cli import hydra_main
 from rtdetr_lit.config import ConfigError, register_schemas
-from rtdetr_lit.data.transforms import build_transforms
 from rtdetr_lit.export import export_checkpoint
 from rtdetr_lit.inference import (
-    INPUT_NAMES,
     ClassInfo,
-    InferenceModel,
+    apply_record,
     build_inference_model,
     classes_from_data,
     image_size_of,
@@ -58,9 +63,6 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
 BACKENDS = ("torch", "onnx")
 RESULTS_FILE = "predictions.json"
-
-# (images float32 (B, 3, H, W), sizes int64 (B, 2) as (w, h)) -> labels, boxes, scores as numpy.
-Detector = Callable[[np.ndarray, np.ndarray], Sequence[np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -100,113 +102,30 @@ def collect_sources(source: str) -> Sources:
     return Sources(images, videos, base)
 
 
-@dataclass
-class _Picture:
-    name: str  # path relative to the source base, as written to the JSON
-    image: np.ndarray  # (H, W, 3) uint8 RGB
-    frame: int | None = None
-
-
-def _read_images(paths: Iterable[Path], sources: Sources) -> Iterator[_Picture]:
-    from rtdetr_lit.data.decode import read_image
-
-    for path in paths:
-        yield _Picture(str(sources.relative(path)), read_image(path))
-
-
-def _read_frames(capture: cv2.VideoCapture, name: str) -> Iterator[_Picture]:
-    frame = 0
-    while True:
-        ok, bgr = capture.read()
-        if not ok:
-            return
-        yield _Picture(name, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), frame)
-        frame += 1
-
-
-_NO_BOXES = np.zeros((0, 4), np.float32)
-
-
-def _preprocess(image: np.ndarray, transform: Any) -> np.ndarray:
-    """The validation pipeline (resize to the input size), then [0, 1] floats, CHW."""
-    resized = transform(image=image, bboxes=_NO_BOXES, box_index=np.zeros(0, np.int64))["image"]
-    return resized.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
-
-
-def _batches(items: Iterable[_Picture], size: int) -> Iterator[list[_Picture]]:
-    batch: list[_Picture] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _detect(
-    pictures: Iterable[_Picture],
-    detector: Detector,
-    transform: Any,
-    batch_size: int,
-    threshold: float,
-) -> Iterator[tuple[_Picture, np.ndarray, np.ndarray, np.ndarray]]:
-    """Run ``detector`` on batches of ``pictures``; yield each with its kept labels/boxes/scores."""
-    for batch in _batches(pictures, batch_size):
-        images = np.stack([_preprocess(p.image, transform) for p in batch])
-        sizes = np.array([(p.image.shape[1], p.image.shape[0]) for p in batch], np.int64)
-        labels, boxes, scores = detector(images, sizes)
-        for i, p in enumerate(batch):
-            keep = scores[i] >= threshold
-            yield p, labels[i][keep], boxes[i][keep], scores[i][keep]
-
-
-def _torch_detector(model: InferenceModel) -> Detector:
-    def run(images: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-        # The batch goes to the model's device (and dtype, for the images); the results come back.
-        weight = next(model.parameters())
-        with torch.inference_mode():
-            outputs = model(
-                torch.from_numpy(images).to(device=weight.device, dtype=weight.dtype),
-                torch.from_numpy(sizes).to(weight.device),
-            )
-        return [t.cpu().numpy() for t in outputs]
-
-    return run
-
-
-def _onnx_detector(path: str | os.PathLike[str]) -> tuple[Detector, dict[str, str], list[Any]]:
-    """ONNX Runtime session on ``path``: the detector, the graph's metadata, its image shape."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-    names = [i.name for i in session.get_inputs()]
-    if tuple(names) != INPUT_NAMES:
-        raise ConfigError(f"ckpt_path: {path} has inputs {names}, expected {list(INPUT_NAMES)}")
-
-    def run(images: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-        return session.run(None, {names[0]: images, names[1]: sizes})
-
-    metadata = session.get_modelmeta().custom_metadata_map
-    return run, metadata, list(session.get_inputs()[0].shape)
-
-
-def _load_detector(cfg: DictConfig, output: Path) -> tuple[Detector, ClassInfo, tuple[int, int]]:
-    """The detector of ``cfg.backend``, the class names/ids and the network input size."""
+def load_detector(cfg: DictConfig, output: Path) -> Detector:
+    """The detector of ``cfg.backend`` on ``cfg.device`` for ``cfg.ckpt_path``."""
     is_onnx = str(cfg.ckpt_path).lower().endswith(".onnx")
     if cfg.backend == "torch":
         if is_onnx:
             raise ConfigError(f"ckpt_path: {cfg.ckpt_path} is an ONNX graph: use backend=onnx")
         checkpoint = read_checkpoint(cfg.ckpt_path)
+        apply_record(cfg, checkpoint)
         model = build_inference_model(cfg, checkpoint)
         classes = resolve_classes(cfg, checkpoint, model.postprocessor.num_classes)
-        return _torch_detector(model), classes, image_size_of(cfg)
+        detector = Detector(None, classes, image_size_of(cfg), model=model)
+        try:
+            detector.precision = cfg.precision
+            return detector.to(resolve_device(cfg.device))
+        except ValueError as err:  # names the setting: device or precision
+            raise ConfigError(str(err)) from None
+    if cfg.precision != "fp32":
+        raise ConfigError("precision: an ONNX graph runs in the precision it was exported in")
     path = cfg.ckpt_path
     if not is_onnx:
         path = export_checkpoint(cfg, output / "model.onnx")
     elif not Path(path).is_file():
         raise ConfigError(f"ckpt_path: no such file {path}")
-    detector, metadata, shape = _onnx_detector(path)
+    runner, metadata, shape = onnx_runner(path, cfg.device)
     if "class_names" in metadata:
         names = json.loads(metadata["class_names"])
         ids = json.loads(metadata["category_ids"]) if "category_ids" in metadata else None
@@ -216,7 +135,7 @@ def _load_detector(cfg: DictConfig, output: Path) -> tuple[Detector, ClassInfo, 
         classes = ClassInfo.complete(names, ids, cfg.data.num_classes, f"data of {path}")
     fixed = all(isinstance(d, int) for d in shape[-2:])
     size = (int(shape[-2]), int(shape[-1])) if fixed else image_size_of(cfg)
-    return detector, classes, size
+    return Detector(runner, classes, size)
 
 
 def _numbered_ids(sources: Sources) -> dict[str, int] | None:
@@ -227,31 +146,41 @@ def _numbered_ids(sources: Sources) -> dict[str, int] | None:
     return ids if len(set(ids.values())) == len(ids) else None
 
 
-def _progress(items: Iterable[Any], total: int, description: str, show: bool) -> Iterable[Any]:
+def _progress(items: Iterable[Any], total: int | None, description: str) -> Iterable[Any]:
     from rich.progress import track
 
-    return track(items, description=description, total=total, disable=not show)
+    return track(items, description=description, total=total)
 
 
-def _draw(picture: _Picture, labels, boxes, scores, classes: ClassInfo) -> np.ndarray:
+def _draw(image: np.ndarray, found: Detections, classes: ClassInfo) -> np.ndarray:
     from rtdetr_lit.visualize import draw_boxes
 
-    if len(boxes) == 0:
-        return picture.image
-    image = torch.from_numpy(picture.image).permute(2, 0, 1)
+    if len(found) == 0:
+        return image
     drawn = draw_boxes(
-        image,
-        torch.from_numpy(boxes),
-        torch.from_numpy(labels),
+        torch.from_numpy(image).permute(2, 0, 1),
+        torch.from_numpy(found.xyxy),
+        torch.from_numpy(found.labels),
         classes.names,
-        torch.from_numpy(scores),
+        torch.from_numpy(found.scores),
     )
     return drawn.permute(1, 2, 0).numpy()
+
+
+def _detect_each(
+    detector: Detector, images: Iterable[np.ndarray], cfg: DictConfig
+) -> Iterator[tuple[np.ndarray, Detections]]:
+    """Each image with its detections; images are read once, lazily, a couple of batches ahead."""
+    shown, fed = itertools.tee(images)
+    found = detector.predict_stream(fed, cfg.threshold, cfg.batch_size)
+    return zip(shown, found, strict=True)
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """The ``rtdetr_lit.predict`` command; returns the output paths and counts."""
     from PIL import Image
+
+    from rtdetr_lit.data.decode import read_image
 
     prepare_run(cfg)
     if cfg.backend not in BACKENDS:
@@ -266,59 +195,67 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         if (output / sources.relative(path)).resolve() == path.resolve():
             raise ConfigError(f"output: {output} would overwrite the source {path}")
     output.mkdir(parents=True, exist_ok=True)
-    detector, classes, size = _load_detector(cfg, output)
-    run = {
-        "detector": detector,
-        "transform": build_transforms(size, None),
-        "batch_size": cfg.batch_size,
-        "threshold": cfg.threshold,
-    }
+    detector = load_detector(cfg, output)
+    log.info(
+        "detector: %s on %s, input %dx%d",
+        "ONNX Runtime" if detector.model is None else f"torch {detector.precision}",
+        detector.device,
+        *detector.image_size,
+    )
 
     numbered = _numbered_ids(sources)
     results: list[dict[str, Any]] = []
     written: list[Path] = []
     count = 0
 
-    def record(picture: _Picture, labels, boxes, scores) -> None:
+    def record(name: str, found: Detections, frame: int | None = None) -> None:
         nonlocal count
-        image_id = numbered[picture.name] if numbered is not None else count
+        image_id = numbered[name] if numbered is not None else count
         count += 1
-        for label, box, score in zip(labels.tolist(), boxes.tolist(), scores.tolist(), strict=True):
+        for box, score, category in zip(
+            found.xyxy.tolist(), found.scores.tolist(), found.category_ids.tolist(), strict=True
+        ):
             entry = {
                 "image_id": image_id,
-                "category_id": classes.category_ids[label],
+                "category_id": category,
                 "bbox": [round(v, 2) for v in (box[0], box[1], box[2] - box[0], box[3] - box[1])],
                 "score": round(score, 5),
-                "file_name": picture.name,
+                "file_name": name,
             }
-            if picture.frame is not None:
-                entry["frame"] = picture.frame
+            if frame is not None:
+                entry["frame"] = frame
             results.append(entry)
 
+    start = time.perf_counter()
     if sources.images:
-        stream = _detect(_read_images(sources.images, sources), **run)
-        many = len(sources.images) > 1
-        for picture, labels, boxes, scores in _progress(
-            stream, len(sources.images), "images", many
+        names = [str(sources.relative(p)) for p in sources.images]
+        pictures = (read_image(p) for p in sources.images)
+        stream = _detect_each(detector, pictures, cfg)
+        for name, (image, found) in zip(
+            names, _progress(stream, len(names), "images"), strict=True
         ):
-            record(picture, labels, boxes, scores)
-            target = output / picture.name
+            record(name, found)
+            target = output / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_draw(picture, labels, boxes, scores, classes)).save(target)
+            Image.fromarray(_draw(image, found, detector.classes)).save(target)
             written.append(target)
     for video in sources.videos:
-        written.append(_predict_video(video, sources, output, run, classes, record))
+        written.append(_predict_video(video, sources, output, detector, cfg, record))
+    seconds = time.perf_counter() - start
 
     results_path = output / RESULTS_FILE
     results_path.write_text(json.dumps(results))
     log.info(
-        "%d detections (score >= %.2f) in %d pictures; annotated copies and %s in %s",
+        "%d images and %d videos (%d pictures in all): %d detections with score >= %.2f; "
+        "%.1f pictures/s",
+        len(sources.images),
+        len(sources.videos),
+        count,
         len(results),
         cfg.threshold,
-        count,
-        RESULTS_FILE,
-        output,
+        count / seconds if seconds > 0 else 0.0,
     )
+    log.info("annotated copies and %s in %s", RESULTS_FILE, output)
     return {"results": results_path, "outputs": written, "pictures": count}
 
 
@@ -326,36 +263,28 @@ def _predict_video(
     video: Path,
     sources: Sources,
     output: Path,
-    run: dict[str, Any],
-    classes: ClassInfo,
+    detector: Detector,
+    cfg: DictConfig,
     record: Callable[..., None],
 ) -> Path:
-    """Detect in every frame of ``video``; write the annotated frames as ``<name>.mp4``."""
-    capture = cv2.VideoCapture(str(video))
-    if not capture.isOpened():
-        raise ConfigError(f"source: cannot open the video {video}")
-    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    """Detect in every frame of ``video``; write the annotated frames as a browser-playable
+    video (``<name>.mp4``)."""
+    from rtdetr_lit.video import VideoReader, VideoWriter
+
     name = str(sources.relative(video))
-    target = (output / name).with_suffix(".mp4")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    writer: cv2.VideoWriter | None = None
     try:
-        stream = _detect(_read_frames(capture, name), **run)
-        for picture, labels, boxes, scores in _progress(stream, total, video.name, True):
-            record(picture, labels, boxes, scores)
-            frame = cv2.cvtColor(_draw(picture, labels, boxes, scores, classes), cv2.COLOR_RGB2BGR)
-            if writer is None:
-                fourcc = cv2.VideoWriter.fourcc(*"mp4v")
-                writer = cv2.VideoWriter(str(target), fourcc, fps, frame.shape[1::-1])
-            writer.write(frame)
-    finally:
-        capture.release()
-        if writer is not None:
-            writer.release()
-    if writer is None:
+        reader = VideoReader(video)
+    except ValueError as err:
+        raise ConfigError(f"source: {err}") from None
+    target = (output / name).with_suffix(".mp4")
+    with reader, VideoWriter(target, reader.fps) as writer:
+        stream = _detect_each(detector, reader, cfg)
+        for frame, (image, found) in enumerate(_progress(stream, reader.frame_count, video.name)):
+            record(name, found, frame)
+            writer.write(_draw(image, found, detector.classes))
+    if writer.frames == 0:
         raise ConfigError(f"source: no frame could be read from the video {video}")
-    return target
+    return writer.path
 
 
 @hydra_main("predict")

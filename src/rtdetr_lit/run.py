@@ -17,6 +17,7 @@ __all__ = [
     "build_loggers",
     "check_launch",
     "check_sync_batchnorm",
+    "derive_num_classes",
     "finish_run",
     "prepare_run",
     "resolve_ckpt_path",
@@ -90,6 +91,25 @@ def build_callbacks(group: DictConfig | None) -> list[Any]:
 def build_loggers(group: DictConfig | None) -> list[Any] | bool:
     """Instantiate every ``_target_`` node of the ``logger`` group; ``False`` when there is none."""
     return _build_group(group, "logger") or False
+
+
+def derive_num_classes(cfg: DictConfig) -> None:
+    """Fill ``data.num_classes`` from the dataset when the config leaves it null (the data
+    module's ``count_classes``: a COCO file's categories, YOLO's names), before the model, which
+    reads it, is built."""
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    if OmegaConf.select(cfg, "data.num_classes") is not None:
+        return
+    datamodule = instantiate(cfg.data)
+    try:
+        num_classes = datamodule.count_classes()
+    except (OSError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    with open_dict(cfg):
+        cfg.data.num_classes = num_classes
+    log.info("data.num_classes=%d, counted in the dataset", num_classes)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:

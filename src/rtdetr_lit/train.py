@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rtdetr_lit.cli import hydra_main
 from rtdetr_lit.config import register_schemas
@@ -23,12 +23,16 @@ from rtdetr_lit.run import (
     build_loggers,
     check_launch,
     check_sync_batchnorm,
+    derive_num_classes,
     finish_run,
     prepare_run,
     resolve_ckpt_path,
 )
 
 log = logging.getLogger(__name__)
+
+# The EMA weights and the detector's record, written to the run directory after fitting.
+WEIGHTS_FILE = "model.safetensors"
 
 register_schemas()
 
@@ -44,10 +48,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from rtdetr_lit.plugins import ensure_safe_checkpoint_io
 
     prepare_run(cfg)
+    derive_num_classes(cfg)
     log.info("data: %s", cfg.data._target_)
     datamodule = instantiate(cfg.data)
     log.info("model: %s (%s)", cfg.model._target_, cfg.model.net.name)
     model = instantiate(cfg.model)
+    # The run's own keys, resolved (a config composed outside an app also holds Hydra's).
+    run_keys = [key for key in cfg if key != "hydra"]
+    model.run_config = OmegaConf.to_container(OmegaConf.masked_copy(cfg, run_keys), resolve=True)
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = build_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
@@ -56,17 +64,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ensure_safe_checkpoint_io(trainer)
 
     metrics: dict[str, Any] = {}
+    best = None
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
         metrics.update(trainer.callback_metrics)
-    if cfg.get("test"):
         best = _best_checkpoint_of_this_run(trainer)
+        _write_weights_file(trainer, best, Path(cfg.paths.output_dir) / WEIGHTS_FILE)
+    if cfg.get("test"):
         # Without a best checkpoint: the weights the run ended with (EMA when it ran).
         trainer.test(model, datamodule=datamodule, ckpt_path=best)
         metrics.update(trainer.callback_metrics)
         if best:
             log.info("best checkpoint: %s", best)
     return finish_run(cfg, trainer, metrics)
+
+
+def _write_weights_file(trainer: Any, best: str | None, path: Path) -> None:
+    """The shareable ``model.safetensors`` of the run (rank 0): the best checkpoint's weights,
+    else the last checkpoint's; nothing when the run saved no checkpoint."""
+    from rtdetr_lit.convert import write_weights_file
+
+    callback = trainer.checkpoint_callback
+    source = best or (callback.last_model_path if callback is not None else "")
+    if not source or not trainer.is_global_zero:
+        return
+    write_weights_file(source, path)
+    log.info("weights to share: %s (from %s)", path, Path(source).name)
 
 
 def _best_checkpoint_of_this_run(trainer: Any) -> str | None:

@@ -131,6 +131,19 @@ class CocoDataModule(L.LightningDataModule):
         ann = self._first_loaded()
         return list(ann.class_names) if ann is not None else None
 
+    def count_classes(self) -> int:
+        """The dataset's number of classes, from its validation (else training) annotations; no
+        image is read."""
+        for split in ("val", "train"):
+            images, annotations = self.paths[split]
+            if annotations is not None and os.path.exists(annotations):
+                return self.read_annotations(images, annotations).num_classes
+        raise FileNotFoundError(
+            "data.num_classes: not given, and no annotations to count the classes in "
+            f"(data.val_annotations: {self.paths['val'][1]}, data.train_annotations: "
+            f"{self.paths['train'][1]})"
+        )
+
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
@@ -369,6 +382,10 @@ class YoloDataModule(CocoDataModule):
         self.names = [str(n) for n in names]
         if not self.names:
             raise ValueError("data.names: the class names list is empty")
+
+    def count_classes(self) -> int:
+        """One class per name of ``data.names``."""
+        return len(self.names)
 
     def read_annotations(self, images: str, annotations: str) -> DetectionAnnotations:
         return load_yolo(
