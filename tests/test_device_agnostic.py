@@ -36,15 +36,15 @@ from omegaconf import open_dict
 from torch.overrides import TorchFunctionMode
 
 import rtdetr_lit
+from rtdetr_lit.api import Detector
 from rtdetr_lit.callbacks import EMA, DiscreteFinetune, NonFiniteGuard, PredictionPictures
 from rtdetr_lit.callbacks.resume import RandomState
 from rtdetr_lit.checkpoints import load_checkpoint_file
-from rtdetr_lit.inference import InferenceModel
+from rtdetr_lit.inference import ClassInfo, InferenceModel
 from rtdetr_lit.loss import HungarianMatcher, RTDETRCriterion
 from rtdetr_lit.models.deformable import MSDeformableAttention
 from rtdetr_lit.models.denoising import get_contrastive_denoising_training_group
 from rtdetr_lit.plugins import SafeCheckpointIO
-from rtdetr_lit.predict import _torch_detector
 from tests.conftest import SMALL_SYNTHETIC, compose_config
 
 PACKAGE_DIR = os.path.dirname(os.path.realpath(rtdetr_lit.__file__)) + os.sep
@@ -317,17 +317,17 @@ def test_deformable_attention_samplers_give_every_tensor_a_device() -> None:
 
 
 def test_predict_gives_every_tensor_a_device(fitted) -> None:
-    """Fusing for deployment, and the torch detector of ``rtdetr_lit.predict``."""
+    """Fusing for deployment, and the ``Detector`` of ``rtdetr_lit.load`` and ``predict``."""
     module, _ = fitted
-    images = np.random.default_rng(0).random((2, 3, IMAGE, IMAGE), dtype=np.float32)
-    sizes = np.array([[IMAGE, IMAGE], [2 * IMAGE, IMAGE]], np.int64)
+    pictures = np.random.default_rng(0).integers(0, 256, (2, IMAGE, 2 * IMAGE, 3), np.uint8)
+    classes = ClassInfo.complete(None, None, module.postprocessor.num_classes, "test")
     with FactoryDeviceMode() as mode:
         # a copy: fusing for deployment changes the module in place
         model = InferenceModel(copy.deepcopy(module.net), module.postprocessor)
-        labels, boxes, scores = _torch_detector(model)(images, sizes)
+        found = Detector(None, classes, (IMAGE, IMAGE), model=model).predict(list(pictures), 0.0)
     assert_no_violations(mode.violations)
     assert "models/common.py" in mode.callers  # the fused convolutions were built under the mode
-    assert boxes.shape == (*labels.shape, 4) and scores.shape == labels.shape
+    assert [d.image_size for d in found] == [(IMAGE, 2 * IMAGE)] * 2 and len(found[0]) > 0
 
 
 @pytest.mark.parametrize("boxes_per_image", [(0, 2), (0, 0)])
