@@ -26,21 +26,13 @@ from rtdetr_lit.predict import predict
 from rtdetr_lit.record import RECORD_KEY, RECORD_VERSION, ModelRecord, record_of
 from rtdetr_lit.train import train
 from tests.conftest import compose_config
+from tests.test_main_job import TINY
 
-# A 2-epoch run of the demo model at 128 px on 16 synthetic pictures, on another sampling layout
-# and with fewer queries than the demo's defaults, so that the record has settings to carry.
+# The main job's 2-epoch test run (objects of the default sizes, of which two epochs find a few),
+# on another sampling layout and with fewer queries than the demo's defaults, so that the record
+# has settings to carry.
 RUN = [
-    "data.synthetic.num_train=16",
-    "data.synthetic.num_val=6",
-    "data.synthetic.min_size=128",
-    "data.synthetic.max_size=160",
-    "data.image_size=[128,128]",
-    "data.batch_size=4",
-    "data.val_batch_size=3",
-    "data.num_workers=0",
-    "trainer.max_epochs=2",
-    "trainer.accelerator=cpu",
-    "extras.print_config=false",
+    *(o for o in TINY if not o.startswith("data.synthetic.max_object=")),
     "test=false",
     "sampling=levels421",
     "model.net.num_queries=60",

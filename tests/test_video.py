@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rtdetr_lit import video
-from rtdetr_lit.video import VideoReader, VideoWriter, read_frames
+from rtdetr_lit.video import VideoReader, VideoWriter
 
 HEIGHT, WIDTH, FPS, COUNT = 64, 97, 12, 10
 
@@ -68,9 +68,9 @@ def test_h264_mp4_round_trip(tmp_path: Path) -> None:
         # The padding repeats the last column, so nothing new shows at the right edge.
         assert np.abs(got[:, WIDTH].astype(int) - given[:, -1]).mean() < 6
 
-    frames_read, fps_read, count_read = read_frames(writer.path)
-    read = list(frames_read)
-    assert (fps_read, count_read, len(read)) == (FPS, COUNT, COUNT)
+    with VideoReader(writer.path) as reader:
+        read = list(reader)
+    assert (reader.fps, reader.frame_count, len(read)) == (FPS, COUNT, COUNT)
     assert all(a.dtype == np.uint8 and a.shape == (HEIGHT, WIDTH + 1, 3) for a in read)
     assert all(np.array_equal(a, b) for a, b in zip(read, decoded, strict=True))
 
@@ -135,5 +135,5 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
         wav.writeframes(bytes(1600))
     for path, reason in [(missing, "cannot open"), (text, "cannot open"), (sound, "no video")]:
         with pytest.raises(ValueError, match=reason) as error:
-            read_frames(path)
+            VideoReader(path)
         assert str(path) in str(error.value)

@@ -1,6 +1,6 @@
 """Read videos as RGB frames and write videos that web browsers play, with PyAV (FFmpeg).
 
-Reading: :class:`VideoReader` (or :func:`read_frames`) opens any file FFmpeg can demux and yields
+Reading: :class:`VideoReader` opens any file FFmpeg can demux and yields
 its first video stream as ``(H, W, 3)`` ``uint8`` RGB arrays. A display rotation stored in the
 container (phones record portrait video as landscape plus a 90° rotation) is applied, as players
 and ``cv2.VideoCapture`` do, so boxes found on a frame are in the picture the viewer sees.
@@ -45,12 +45,13 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import av
 import numpy as np
 from av.video.frame import VideoFrame
 
-__all__ = ["ENCODERS", "VideoReader", "VideoWriter", "encoder", "read_frames"]
+__all__ = ["ENCODERS", "VideoReader", "VideoWriter", "encoder"]
 
 # (encoder, container suffix, encoder options), in order of preference; see the module docstring.
 ENCODERS: tuple[tuple[str, str, dict[str, str]], ...] = (
@@ -73,7 +74,28 @@ _RANGE_MPEG = 1
 _RANGE_JPEG = 2
 
 
-class VideoReader:
+_C = TypeVar("_C", bound="_Closing")
+
+
+class _Closing:
+    """A context manager that calls ``close()`` on exit."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class VideoReader(_Closing):
     """The first video stream of ``path`` as RGB ``uint8`` frames ``(H, W, 3)``.
 
     Opened on construction (:class:`ValueError` naming the file if FFmpeg cannot open it or it has
@@ -120,29 +142,8 @@ class VideoReader:
             self._container.close()
             self._container = None
 
-    def __enter__(self) -> VideoReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"VideoReader({str(self.path)!r}, fps={self.fps:g}, frame_count={self.frame_count})"
-
-
-def read_frames(path: str | Path) -> tuple[Iterator[np.ndarray], float, int | None]:
-    """``(frames, fps, frame_count)`` of the video ``path``; see :class:`VideoReader`.
-
-    Raises :class:`ValueError` naming the file at once (not on the first frame) if it cannot be
-    opened or has no video stream. The file closes when ``frames`` is exhausted or closed.
-    """
-    reader = VideoReader(path)
-    return iter(reader), reader.fps, reader.frame_count
 
 
 def _to_rgb(frame: VideoFrame) -> np.ndarray:
@@ -175,7 +176,7 @@ def encoder() -> tuple[str, str, dict[str, str]]:
     raise RuntimeError(f"this FFmpeg (PyAV {av.__version__}) opens none of the encoders {names}")
 
 
-class VideoWriter:
+class VideoWriter(_Closing):
     """Write RGB ``uint8`` frames ``(H, W, 3)`` as a video browsers play; a context manager.
 
     Args:
@@ -268,17 +269,6 @@ class VideoWriter:
             self._container.mux(self._stream.encode(None))
         finally:
             self._container.close()
-
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"VideoWriter({str(self.path)!r}, fps={self.fps}, codec={self.codec!r})"
