@@ -300,9 +300,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def onnx_runner(
     path: str | os.PathLike[str], device: str | torch.device | None = None
-) -> tuple[Runner, dict[str, str], list[Any]]:
+) -> tuple[Runner, ClassInfo | None, tuple[int, int] | None]:
     """An ONNX Runtime session on ``path`` (the CUDA provider when installed and the device is not
-    the CPU): the runner, the graph's metadata and its image input shape."""
+    the CPU): the runner, the classes the graph's metadata names (``None`` when it names none)
+    and the (height, width) its image input fixes (``None`` when it is dynamic)."""
+    import json
+
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -317,7 +320,15 @@ def onnx_runner(
     def run(images: np.ndarray, sizes: np.ndarray) -> Sequence[np.ndarray]:
         return session.run(None, {names[0]: images, names[1]: sizes})
 
-    return run, session.get_modelmeta().custom_metadata_map, list(session.get_inputs()[0].shape)
+    metadata = session.get_modelmeta().custom_metadata_map
+    classes = None
+    if "class_names" in metadata:
+        labels = json.loads(metadata["class_names"])
+        ids = json.loads(metadata["category_ids"]) if "category_ids" in metadata else None
+        classes = ClassInfo.complete(labels, ids, len(labels), f"the metadata of {path}")
+    shape = session.get_inputs()[0].shape[-2:]
+    fixed = (int(shape[0]), int(shape[1])) if all(isinstance(d, int) for d in shape) else None
+    return run, classes, fixed
 
 
 def load(
@@ -339,20 +350,13 @@ def load(
         image_size: (height, width) input size; default: the recorded one (640x640 for files
             without a record).
     """
-    import json
 
     if str(path).lower().endswith(".onnx"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file {path}")
-        runner, metadata, shape = onnx_runner(path, device)
-        names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
-        ids = json.loads(metadata["category_ids"]) if "category_ids" in metadata else None
-        if names is None:
+        runner, classes, fixed = onnx_runner(path, device)
+        if classes is None:
             raise ValueError(f"{path}: the graph holds no class names (not written by export?)")
-        classes = ClassInfo.complete(names, ids, len(names), f"the metadata of {path}")
-        fixed = (
-            [int(d) for d in shape[-2:]] if all(isinstance(d, int) for d in shape[-2:]) else None
-        )
         size = fixed or image_size
         if size is None:
             raise ValueError(f"{path}: give image_size, the graph does not fix it")

@@ -29,7 +29,7 @@ from rtdetr_lit.checkpoints import (
     read_safetensors_metadata,
 )
 from rtdetr_lit.config import ConfigError
-from rtdetr_lit.record import RECORD_KEY, ModelRecord
+from rtdetr_lit.record import RECORD_KEY, ModelRecord, plain
 from rtdetr_lit.run import derive_num_classes
 from rtdetr_lit.sizes import check_sizes
 
@@ -199,7 +199,7 @@ def _check_agrees(
         checks.append(("data.num_classes", cfg.data.num_classes, record.num_classes))
     for key, said, recorded in checks:
         said = OmegaConf.to_container(said) if isinstance(said, ListConfig) else said
-        if _plain(said) != _plain(recorded):
+        if plain(said) != plain(recorded):
             raise ConfigError(
                 f"{key}: {path} holds a detector trained with {key}={_text(recorded)}, but the "
                 f"command says {key}={_text(said)}. Leave it out (the checkpoint describes "
@@ -207,13 +207,9 @@ def _check_agrees(
             )
 
 
-def _plain(value: Any) -> Any:
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
 def _text(value: Any) -> str:
     return (
-        json.dumps(_plain(value)).replace(" ", "")
+        json.dumps(plain(value)).replace(" ", "")
         if isinstance(value, (list, tuple))
         else str(value)
     )

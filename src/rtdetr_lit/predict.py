@@ -125,17 +125,11 @@ def load_detector(cfg: DictConfig, output: Path) -> Detector:
         path = export_checkpoint(cfg, output / "model.onnx")
     elif not Path(path).is_file():
         raise ConfigError(f"ckpt_path: no such file {path}")
-    runner, metadata, shape = onnx_runner(path, cfg.device)
-    if "class_names" in metadata:
-        names = json.loads(metadata["class_names"])
-        ids = json.loads(metadata["category_ids"]) if "category_ids" in metadata else None
-        classes = ClassInfo.complete(names, ids, len(names), f"the metadata of {path}")
-    else:
+    runner, classes, fixed = onnx_runner(path, cfg.device)
+    if classes is None:
         names, ids = classes_from_data(cfg.data)
         classes = ClassInfo.complete(names, ids, cfg.data.num_classes, f"data of {path}")
-    fixed = all(isinstance(d, int) for d in shape[-2:])
-    size = (int(shape[-2]), int(shape[-1])) if fixed else image_size_of(cfg)
-    return Detector(runner, classes, size)
+    return Detector(runner, classes, fixed or image_size_of(cfg))
 
 
 def _numbered_ids(sources: Sources) -> dict[str, int] | None:

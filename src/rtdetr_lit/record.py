@@ -31,7 +31,7 @@ from torch import nn
 from rtdetr_lit import __version__
 from rtdetr_lit.models.zoo import MODEL_SIZES, ModelSpec, create_model
 
-__all__ = ["RECORD_KEY", "RECORD_VERSION", "ModelRecord", "record_of"]
+__all__ = ["RECORD_KEY", "RECORD_VERSION", "ModelRecord", "plain", "record_of"]
 
 RECORD_KEY = "rtdetr_lit"
 RECORD_VERSION = 1
@@ -170,8 +170,8 @@ def record_of(
     default = MODEL_SIZES[name]
     diff = {}
     for f in dataclasses.fields(ModelSpec):
-        value = _plain(getattr(current, f.name))
-        if f.name not in _NOT_RECORDED and value != _plain(getattr(default, f.name)):
+        value = plain(getattr(current, f.name))
+        if f.name not in _NOT_RECORDED and value != plain(getattr(default, f.name)):
             diff[f.name] = value
     num_classes = int(net.decoder.num_classes)
     names = list(class_names) if class_names is not None else None
@@ -191,8 +191,8 @@ def record_of(
     )
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Sequences (tuples, OmegaConf lists) as lists, as JSON gives them back."""
     if isinstance(value, Sequence) and not isinstance(value, str):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
