@@ -42,15 +42,10 @@ _MAP_KEYS = {
 
 
 def _coco_map() -> MeanAveragePrecision:
-    # faster-coco-eval is a drop-in, much faster COCOeval; pycocotools is the fallback.
-    try:
-        import faster_coco_eval  # noqa: F401
-
-        backend = "faster_coco_eval"
-    except ImportError:
-        backend = "pycocotools"
+    # faster-coco-eval (a dependency): pycocotools' numbers (tests/test_evaluation.py) in a
+    # fraction of the time (BENCHMARKS.md, "COCO evaluation backend").
     metric = MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", class_metrics=True, backend=backend
+        box_format="xyxy", iou_type="bbox", class_metrics=True, backend="faster_coco_eval"
     )
     # COCO keeps each image's 100 best-scoring detections: more (300 here, docs/rtdetrv2.md §8) is
     # expected.
