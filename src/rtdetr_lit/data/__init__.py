@@ -1,4 +1,4 @@
-"""Datasets, augmentation and LightningDataModules.
+"""Datasets (COCO, YOLO, synthetic), augmentation and LightningDataModules.
 
 Batches are ``(images, targets)``: ``images`` float (B, 3, H, W) in [0, 1]; ``targets`` one dict per
 image with ``boxes`` (N, 4) normalised cxcywh, ``labels`` (N,) int64 contiguous class indices,
@@ -8,8 +8,13 @@ and ``class_names``.
 """
 
 from rtdetr_lit.data.annotations import DetectionAnnotations, load_coco, load_yolo
-from rtdetr_lit.data.datamodule import CocoDataModule, SyntheticDataModule, YoloDataModule
+from rtdetr_lit.data.datamodule import (
+    CocoDataModule,
+    SyntheticDataModule,
+    YoloDataModule,
+)
 from rtdetr_lit.data.synthetic import CLASSES, SyntheticConfig, ensure_synthetic_dataset
+from rtdetr_lit.data.yolo_yaml import read_data_yaml
 
 __all__ = [
     "CLASSES",
@@ -21,4 +26,5 @@ __all__ = [
     "ensure_synthetic_dataset",
     "load_coco",
     "load_yolo",
+    "read_data_yaml",
 ]

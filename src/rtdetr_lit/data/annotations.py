@@ -23,7 +23,7 @@ import numpy as np
 
 from rtdetr_lit.data.decode import ImageProbe
 
-__all__ = ["DetectionAnnotations", "load_coco", "load_yolo"]
+__all__ = ["DetectionAnnotations", "load_coco", "load_yolo", "load_yolo_files"]
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,34 @@ def _listed(items: list[Any], limit: int = 10) -> str:
     return f"{items[:limit]}{more}"
 
 
+def report_broken(
+    source: str, entries: list[str], kind: str, reason: str, skip_bad_annotations: bool
+) -> None:
+    """Stop on broken annotations, or count them in one warning with ``skip_bad_annotations``.
+
+    ``entries`` says where each one is (``file:line: what is wrong``); the first ten are shown.
+    ``kind`` names what they are (``label lines``), ``reason`` what makes them broken.
+    """
+    if not entries:
+        return
+    shown = "\n  ".join(entries[:10])
+    more = f"\n  ... and {len(entries) - 10} more" if len(entries) > 10 else ""
+    if not skip_bad_annotations:
+        raise ValueError(
+            f"{source}: {len(entries)} {kind} are broken annotations ({reason}); fix them, or set "
+            f"{_SKIP_OPTION} to leave them out:\n  {shown}{more}"
+        )
+    log.warning(
+        "%s: skipped %d broken %s (%s; data.skip_bad_annotations):\n  %s%s",
+        source,
+        len(entries),
+        kind,
+        reason,
+        shown,
+        more,
+    )
+
+
 def _coco_xyxy(bbox: list[Any] | tuple[Any, ...]) -> list[float] | None:
     """A COCO ``[x, y, w, h]`` as finite ``[x0, y0, x1, y1]``, or None for a broken one.
 
@@ -329,6 +357,35 @@ def load_yolo(
 ) -> DetectionAnnotations:
     """Read a YOLO-format split: every image in ``images`` and its ``labels/<stem>.txt``.
 
+    The label files are read by :func:`load_yolo_files`, whose rules apply.
+    """
+    files = sorted(
+        f for f in os.listdir(images) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
+    )
+    return load_yolo_files(
+        images,
+        files,
+        [os.path.join(labels, os.path.splitext(f)[0] + ".txt") for f in files],
+        names,
+        probe,
+        source=os.fspath(labels),
+        skip_bad_annotations=skip_bad_annotations,
+    )
+
+
+def load_yolo_files(
+    image_dir: str | os.PathLike[str],
+    file_names: list[str],
+    label_files: list[str],
+    names: list[str],
+    probe: Callable[[list[str]], list[ImageProbe]],
+    *,
+    source: str,
+    skip_bad_annotations: bool = False,
+) -> DetectionAnnotations:
+    """Read YOLO label files: ``label_files[i]`` holds the objects of image ``file_names[i]``
+    (relative to ``image_dir``, or absolute); ``source`` names the split in messages.
+
     Lines are ``class cx cy w h`` with coordinates normalised to the image; ``probe`` gives the
     image sizes that turn them into pixels. A missing label file means an image without objects.
     A line that is not an integer class and 4 finite numbers (too few or too many fields, text,
@@ -336,16 +393,12 @@ def load_yolo(
     ``skip_bad_annotations``, left out and counted in one warning. A class outside ``names`` is
     always an error naming the file and line.
     """
-    files = sorted(
-        f for f in os.listdir(images) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
-    )
-    probes = probe([os.path.join(images, f) for f in files])
+    probes = probe([os.path.join(image_dir, f) for f in file_names])
     rows: list[int] = []
     boxes: list[list[float]] = []
     classes: list[int] = []
     broken: list[str] = []
-    for row, (name, info) in enumerate(zip(files, probes, strict=True)):
-        label_file = os.path.join(labels, os.path.splitext(name)[0] + ".txt")
+    for row, (label_file, info) in enumerate(zip(label_files, probes, strict=True)):
         if not os.path.isfile(label_file):
             continue
         with open(label_file, encoding="utf-8") as f:
@@ -379,27 +432,13 @@ def load_yolo(
                 boxes.append(box)
                 rows.append(row)
                 classes.append(cls)
-    if broken:
-        shown = "\n  ".join(broken[:10])
-        more = f"\n  ... and {len(broken) - 10} more" if len(broken) > 10 else ""
-        if not skip_bad_annotations:
-            raise ValueError(
-                f"{labels}: {len(broken)} label lines are broken annotations (not a class and 4 "
-                f"finite numbers); fix them, or set {_SKIP_OPTION} to leave them out:\n  "
-                f"{shown}{more}"
-            )
-        log.warning(
-            "%s: skipped %d broken label lines (not a class and 4 finite numbers; "
-            "data.skip_bad_annotations):\n  %s%s",
-            labels,
-            len(broken),
-            shown,
-            more,
-        )
+    report_broken(
+        source, broken, "label lines", "not a class and 4 finite numbers", skip_bad_annotations
+    )
     xyxy = np.asarray(boxes, np.float32).reshape(-1, 4)
     return build_annotations(
-        image_ids=np.arange(len(files), dtype=np.int64),
-        file_names=files,
+        image_ids=np.arange(len(file_names), dtype=np.int64),
+        file_names=file_names,
         widths=np.array([p.width for p in probes], np.int64),
         heights=np.array([p.height for p in probes], np.int64),
         box_image_index=np.asarray(rows, np.int64),

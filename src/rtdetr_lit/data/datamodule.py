@@ -24,11 +24,13 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
+from rtdetr_lit.config import ConfigError
 from rtdetr_lit.data.annotations import DetectionAnnotations, load_coco, load_yolo
 from rtdetr_lit.data.dataset import DetectionDataset, EvalSampler, MultiScaleCollate, TrainSampler
 from rtdetr_lit.data.decode import ImageProbe, probe_image
 from rtdetr_lit.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
 from rtdetr_lit.data.transforms import AugmentConfig
+from rtdetr_lit.data.yolo_yaml import UltralyticsDataset, load_data_yaml_split, read_data_yaml
 from rtdetr_lit.sizes import check_sizes
 
 __all__ = ["CocoDataModule", "SyntheticDataModule", "YoloDataModule"]
@@ -36,6 +38,8 @@ __all__ = ["CocoDataModule", "SyntheticDataModule", "YoloDataModule"]
 log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "val", "test")
+# The per-split path arguments of CocoDataModule.
+_PATH_KEYS = tuple(f"{split}_{kind}" for split in _SPLITS for kind in ("images", "annotations"))
 
 
 def probe_images(paths: Sequence[str], workers: int = 8) -> list[ImageProbe]:
@@ -150,14 +154,14 @@ class CocoDataModule(L.LightningDataModule):
         for split in wanted.get(stage or "", _SPLITS):
             if split in self.datasets:
                 continue
-            images, annotations = self.paths[split]
-            if split == "test" and annotations is None:
-                images, annotations = self.paths["val"]
+            # Without a test split of its own, test on the validation split (read as such).
+            source = "val" if split == "test" and self.paths["test"][1] is None else split
+            images, annotations = self.paths[source]
             if annotations is None or images is None:
                 if stage is None or (stage, split) == ("fit", "val"):
                     continue  # training without validation is allowed
                 raise ValueError(f"data.{split}_images / data.{split}_annotations are not set")
-            ann = self._load_split(split, images, annotations)
+            ann = self._load_split(source, images, annotations)
             self.annotations[split] = ann
             augment = self.augment if split == "train" else None
             self.datasets[split] = DetectionDataset(ann, images, self.image_size, augment)
@@ -166,12 +170,16 @@ class CocoDataModule(L.LightningDataModule):
         """Read one split's annotation source (a COCO JSON here)."""
         return load_coco(annotations, skip_bad_annotations=self.skip_bad_annotations)
 
-    def _load_split(self, split: str, images: str, annotations: str) -> DetectionAnnotations:
+    def _read_split(self, split: str, images: str, annotations: str) -> DetectionAnnotations:
+        """Check that ``split``'s image folder and annotation source exist, and read them."""
         if not os.path.isdir(images):
             raise FileNotFoundError(f"data.{split}_images: no such folder {images}")
         if not os.path.exists(annotations):
             raise FileNotFoundError(f"data.{split}_annotations: no such file {annotations}")
-        ann = self.read_annotations(images, annotations)
+        return self.read_annotations(images, annotations)
+
+    def _load_split(self, split: str, images: str, annotations: str) -> DetectionAnnotations:
+        ann = self._read_split(split, images, annotations)
         if self._num_classes is not None and ann.num_classes != self._num_classes:
             raise ValueError(
                 f"{annotations} has {ann.num_classes} categories but data.num_classes is "
@@ -369,23 +377,98 @@ class SyntheticDataModule(CocoDataModule):
         super().setup(stage)
 
 
-class YoloDataModule(CocoDataModule):
-    """A YOLO-format dataset: ``*_images`` folders and ``*_annotations`` label folders.
+def _given(values: Mapping[str, Any]) -> list[str]:
+    """The ``data.<key>`` names of the values that are set (not None)."""
+    return [f"data.{key}" for key, value in values.items() if value is not None]
 
-    Each image ``name.ext`` has ``name.txt`` in the label folder with one ``class cx cy w h`` line
-    (normalised) per object; a missing label file means no objects. ``names`` lists the classes in
-    label-index order. Evaluated with COCO mAP like any other dataset.
+
+def _refuse_unused(values: Mapping[str, Any], why: str) -> None:
+    """Refuse settings that would be ignored: ``why`` says what takes their place."""
+    given = _given(values)
+    if given:
+        them = "it" if len(given) == 1 else "them"
+        raise ConfigError(f"{', '.join(given)}: {why}; leave {them} unset")
+
+
+class YoloDataModule(CocoDataModule):
+    """A YOLO-format dataset, given by an Ultralytics ``data.yaml`` or by its folders and names.
+
+    Args:
+        data_yaml: an Ultralytics dataset file (:mod:`rtdetr_lit.data.yolo_yaml`): the dataset
+            root, each split's images (their labels in ``labels/`` beside ``images/``) and the
+            class names all come from it, and ``root``, ``names`` and the per-split paths stay
+            unset.
+        names: otherwise, the class names in label-index order ...
+        root: ... and the dataset folder: the ``*_images`` folders default to
+            ``root/images/{train,val}`` and the ``*_annotations`` label folders to
+            ``root/labels/{train,val}`` (no test split unless given).
+        **kwargs: as ``CocoDataModule``.
+
+    Each image ``name.ext`` has ``name.txt`` in its label folder with one ``class cx cy w h`` line
+    (normalised) per object; a missing label file means no objects. Evaluated with COCO mAP like
+    any other dataset.
     """
 
-    def __init__(self, names: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        names: Sequence[str] | None = None,
+        data_yaml: str | None = None,
+        root: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        dataset = None
+        if data_yaml is not None:
+            _refuse_unused(
+                {"root": root, "names": names, **{k: kwargs.get(k) for k in _PATH_KEYS}},
+                f"data.data_yaml={data_yaml} gives the dataset root, its image folders and the "
+                "class names",
+            )
+            try:
+                dataset = read_data_yaml(data_yaml)
+            except (OSError, ValueError) as err:  # a setting the user fixes: one line, no trace
+                raise ConfigError(str(err)) from None
+            root, names = dataset.root, dataset.names
+            for split in dataset.splits:  # the split's sources are read from the file
+                kwargs[f"{split}_images"], kwargs[f"{split}_annotations"] = root, dataset.yaml_file
+        elif names is None:
+            raise ConfigError(
+                "data.names: give the class names in label-index order (data.names=[cat,dog]) and "
+                "data.root, or an Ultralytics dataset file: data.data_yaml=path/to/data.yaml"
+            )
+        elif root is not None:  # the layout's folders, where not given
+            for split in ("train", "val"):
+                for kind, folder in (("images", "images"), ("annotations", "labels")):
+                    if kwargs.get(f"{split}_{kind}") is None:
+                        kwargs[f"{split}_{kind}"] = os.path.join(root, folder, split)
+        elif not _given({k: kwargs.get(k) for k in _PATH_KEYS}):
+            raise ConfigError(
+                "data.root: give the dataset folder (with images/{train,val} and labels/"
+                "{train,val}), or an Ultralytics dataset file: data.data_yaml=path/to/data.yaml"
+            )
+        super().__init__(root=root, **kwargs)
+        self.yaml_dataset: UltralyticsDataset | None = dataset
         self.names = [str(n) for n in names]
         if not self.names:
-            raise ValueError("data.names: the class names list is empty")
+            raise ConfigError("data.names: the class names list is empty")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.names)
+
+    @property
+    def category_ids(self) -> list[int]:
+        return list(range(len(self.names)))
 
     def count_classes(self) -> int:
-        """One class per name of ``data.names``."""
+        """One class per name (of ``data.names`` or the ``data.yaml``)."""
         return len(self.names)
+
+    def _read_split(self, split: str, images: str, annotations: str) -> DetectionAnnotations:
+        if self.yaml_dataset is None:
+            return super()._read_split(split, images, annotations)
+        return load_data_yaml_split(
+            self.yaml_dataset, split, probe_images, skip_bad_annotations=self.skip_bad_annotations
+        )
 
     def read_annotations(self, images: str, annotations: str) -> DetectionAnnotations:
         return load_yolo(
