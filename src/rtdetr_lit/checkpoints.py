@@ -43,6 +43,7 @@ __all__ = [
     "align_to_target",
     "atomic_write",
     "check_finite",
+    "current_umask",
     "extract_state_dict",
     "infer_num_classes",
     "load_checkpoint_file",
@@ -323,7 +324,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -331,8 +332,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     return path
 
 
-def _umask() -> int:
-    # The umask can only be read by setting it; set it straight back.
+def current_umask() -> int:
+    """The process's umask (it can only be read by setting it; it is set straight back)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -80,10 +80,11 @@ def hydra_main(config_name: str) -> Callable[[Task[T]], Callable[..., T | None]]
             try:
                 check_required(cfg)
                 return task(cfg)
-            except _USER_ERRORS as err:
-                if not _reporting or full_error() or _multirun():
+            except Exception as err:
+                user_error = _user_error(err)
+                if user_error is None or not _reporting or full_error() or _multirun():
                     raise
-                fail(error_message(err, cfg) or str(err))
+                fail(error_message(user_error, cfg) or str(user_error))
 
         hydra_entry = hydra.main(
             version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name
@@ -99,6 +100,16 @@ def hydra_main(config_name: str) -> Callable[[Task[T]], Callable[..., T | None]]
         return main
 
     return decorate
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """``err`` if it is the user's to fix (:data:`_USER_ERRORS`), also when Hydra's
+    ``instantiate`` wrapped it (a constructor that refused a setting); else ``None``."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err if isinstance(err, _USER_ERRORS) else None
 
 
 def _multirun() -> bool:

@@ -32,6 +32,7 @@ from rtdetr_lit.config import ConfigError
 from rtdetr_lit.record import RECORD_KEY, ModelRecord, plain
 from rtdetr_lit.run import derive_num_classes
 from rtdetr_lit.sizes import check_sizes
+from rtdetr_lit.weights import entry, is_name, read_weights, record_for
 
 __all__ = [
     "INFERENCE_SETTINGS",
@@ -99,8 +100,13 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | os.PathLike[str] | None) -> Checkpoint:
-    """Read ``ckpt_path`` from disk, once (no code in it runs); a missing file or a broken record
-    is a :class:`ConfigError` naming the file."""
+    """Read ``ckpt_path`` once (no code in it runs): a file, or the name of released weights
+    (:mod:`rtdetr_lit.weights`, fetched into the cache when needed), whose record the registry
+    supplies. A missing file or a broken record is a :class:`ConfigError` naming the file."""
+    if is_name(path):
+        item = entry(str(path))
+        contents, source = read_weights(item.name)
+        return Checkpoint(source, contents, record_for(item))
     if path is None or not os.path.isfile(path):
         raise ConfigError(f"ckpt_path: no such file {path}")
     contents = load_checkpoint_file(path)
@@ -144,6 +150,8 @@ def apply_record(cfg: DictConfig, checkpoint: Checkpoint) -> None:
     line, as for training.
     """
     record, given = checkpoint.record, given_overrides()
+    with open_dict(cfg):  # the checkpoint holds the whole detector, its backbone too
+        cfg.model.net.backbone_weights = None
     if record is None:
         if not {"model", "experiment"} & given.keys():
             raise ConfigError(
@@ -170,7 +178,7 @@ def apply_record(cfg: DictConfig, checkpoint: Checkpoint) -> None:
             cfg.data = OmegaConf.create(recorded["data"])
         net = cfg.model.net
         net.update(record.spec())
-        net.name, net.num_classes, net.backbone_weights = record.model, record.num_classes, None
+        net.name, net.num_classes = record.model, record.num_classes
         cfg.model.postprocessor.num_classes = record.num_classes
         cfg.model.postprocessor.num_top_queries = record.num_top_queries
         if "criterion" in cfg.model:

@@ -21,10 +21,11 @@ from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_convert
 
-from rtdetr_lit.checkpoints import load_model_weights
+from rtdetr_lit.checkpoints import load_weights_into
 from rtdetr_lit.models.postprocess import RTDETRPostProcessor
 from rtdetr_lit.optim import build_param_groups, clip_gradients
 from rtdetr_lit.record import RECORD_KEY, record_of
+from rtdetr_lit.weights import read_weights
 
 __all__ = ["RTDETRModule"]
 
@@ -43,7 +44,10 @@ _MAP_KEYS = {
 
 def _coco_map() -> MeanAveragePrecision:
     # faster-coco-eval (a dependency): pycocotools' numbers (tests/test_evaluation.py) in a
-    # fraction of the time (BENCHMARKS.md, "COCO evaluation backend").
+    # fraction of the time (BENCHMARKS.md, "COCO evaluation backend"). It logs its progress and
+    # summary table at INFO on every evaluation (and once per class), which would fill the run's
+    # console and log; the module logs the numbers itself.
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
     metric = MeanAveragePrecision(
         box_format="xyxy", iou_type="bbox", class_metrics=True, backend="faster_coco_eval"
     )
@@ -76,7 +80,8 @@ class RTDETRModule(L.LightningModule):
         backbone_lr: learning rate of the backbone (docs/rtdetrv2.md §9); ``None`` = the optimizer's
         lr. no_weight_decay_on_bias: also no weight decay on encoder/decoder biases (M*).
         init_from: a checkpoint whose weights initialise ``net`` (EMA weights when present);
-            a Lightning checkpoint of this module, a converted file or a reference checkpoint.
+            a Lightning checkpoint of this module, a converted file, a reference checkpoint, or
+            the name of released weights (``rtdetrv2_r18_coco``, :mod:`rtdetr_lit.weights`).
         category_ids: dataset category id of each contiguous label, for results and metrics;
             by default taken from the datamodule (``datamodule.category_ids``) at setup.
         class_names: names for the per-class AP table; by default from the datamodule.
@@ -119,8 +124,9 @@ class RTDETRModule(L.LightningModule):
         # Saved in checkpoints: a resumed run keeps the best mAP of the epochs before.
         self.val_map_best.persistent(True)
         if init_from:
-            missing = load_model_weights(self.net, init_from)
-            log.info("initialised the model from %s", init_from)
+            contents, source = read_weights(init_from, getattr(self.net, "size_name", None))
+            missing = load_weights_into(self.net, contents, source)
+            log.info("initialised the model from %s", source)
             if missing:
                 log.warning("kept the fresh initialisation of: %s", ", ".join(missing))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from rtdetr_lit.models.backbone import PResNet
 from rtdetr_lit.models.decoder import RTDETRTransformer
@@ -87,8 +86,9 @@ def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDET
     """Build the detector ``name``: ``r18``, ``r34``, ``r50m``, ``r50``, ``r101`` or ``demo``.
 
     ``overrides`` replace any :class:`ModelSpec` field, e.g. ``num_points=[4, 2, 1]``,
-    ``sampling_method="discrete"``, ``eval_idx=1`` or ``backbone_weights="resnet18.pth"`` (a local
-    file; nothing is downloaded). Weights are randomly initialised as docs/rtdetrv2.md §4-§5
+    ``sampling_method="discrete"``, ``eval_idx=1`` or ``backbone_weights``: a local file,
+    ``"imagenet"`` (the ImageNet backbone of this size) or a name of :mod:`rtdetr_lit.weights`
+    (downloaded once into the cache). Weights are randomly initialised as docs/rtdetrv2.md §4-§5
     prescribe and stored channels-last unless ``channels_last=False`` (see
     :attr:`RTDETR.channels_last`).
     """
@@ -103,7 +103,11 @@ def create_model(name: str, num_classes: int = 80, **overrides: object) -> RTDET
     spec = dataclasses.replace(MODEL_SIZES[name], **overrides)
     num_points = check_num_points(spec.num_points)
     eval_size = _as_size(spec.eval_spatial_size)
-    weights = str(Path(spec.backbone_weights)) if spec.backbone_weights else None
+    weights = None
+    if spec.backbone_weights:
+        from rtdetr_lit.weights import backbone_file  # the registry builds models to check files
+
+        weights = backbone_file(str(spec.backbone_weights), name)
 
     backbone = PResNet(
         spec.backbone_depth,
