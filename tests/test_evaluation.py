@@ -9,6 +9,8 @@ absent. Every number each backend reports must agree.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torchmetrics.detection import MeanAveragePrecision
@@ -140,3 +142,12 @@ def test_empty_images_change_no_score(backend: str) -> None:
     padded = metric.compute()
     for key, value in base.items():
         torch.testing.assert_close(padded[key], value, msg=key)
+
+
+def test_evaluation_logs_nothing_below_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    """faster-coco-eval's summary tables stay out of the run's console and log."""
+    metric = _coco_map()
+    metric.update(*generated_evaluation(num_images=4))
+    with caplog.at_level(logging.DEBUG):
+        metric.compute()
+    assert not [r for r in caplog.records if r.name.startswith("faster_coco_eval")]
