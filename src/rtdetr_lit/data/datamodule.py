@@ -1,4 +1,4 @@
-"""LightningDataModules for COCO-format, synthetic and YOLO-format datasets.
+"""LightningDataModules for COCO-format, synthetic, YOLO-format and Pascal VOC datasets.
 
 The data module owns the epoch-dependent augmentation policy (docs/rtdetrv2.md §9): the training
 sampler tags every sample with its epoch, the dataset picks the pipeline from it and the collate
@@ -30,10 +30,11 @@ from rtdetr_lit.data.dataset import DetectionDataset, EvalSampler, MultiScaleCol
 from rtdetr_lit.data.decode import ImageProbe, probe_image
 from rtdetr_lit.data.synthetic import SyntheticConfig, ensure_synthetic_dataset
 from rtdetr_lit.data.transforms import AugmentConfig
+from rtdetr_lit.data.voc import VOC_CLASSES, collect_voc_names, load_voc
 from rtdetr_lit.data.yolo_yaml import UltralyticsDataset, load_data_yaml_split, read_data_yaml
 from rtdetr_lit.sizes import check_sizes
 
-__all__ = ["CocoDataModule", "SyntheticDataModule", "YoloDataModule"]
+__all__ = ["CocoDataModule", "SyntheticDataModule", "VocDataModule", "YoloDataModule"]
 
 log = logging.getLogger(__name__)
 
@@ -478,3 +479,85 @@ class YoloDataModule(CocoDataModule):
             probe_images,
             skip_bad_annotations=self.skip_bad_annotations,
         )
+
+
+class VocDataModule(CocoDataModule):
+    """A Pascal VOC dataset: the images of VOC image sets, read by
+    :func:`~rtdetr_lit.data.voc.load_voc` (which says how boxes, ``difficult`` objects and broken
+    files are treated).
+
+    Args:
+        root: the folder the image sets are named from: VOCdevkit, or one year's folder.
+        train_sets, val_sets, test_sets: each split's image sets, ``<year folder>/<set>``
+            (``VOC2007/trainval`` is ``root/VOC2007/ImageSets/Main/trainval.txt``) or ``<set>``
+            for the root's own; the images of several sets are read together. No test sets: test
+            on the validation sets.
+        names: the class names in label order, the 20 VOC classes by default; ``None``: the names
+            found in the XML files of all the sets, sorted.
+        **kwargs: as ``CocoDataModule``, without the per-split paths (the image sets replace them).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_sets: Sequence[str] | str | None = ("VOC2007/trainval", "VOC2012/trainval"),
+        val_sets: Sequence[str] | str | None = ("VOC2007/test",),
+        test_sets: Sequence[str] | str | None = None,
+        names: Sequence[str] | None = VOC_CLASSES,
+        **kwargs: Any,
+    ) -> None:
+        _refuse_unused(
+            {k: kwargs.pop(k, None) for k in _PATH_KEYS},
+            "data=voc reads the images of data.train_sets, data.val_sets and data.test_sets",
+        )
+        given = {"train": train_sets, "val": val_sets, "test": test_sets}
+        sets = {
+            split: [str(v)] if isinstance(v, str) else [str(s) for s in (v or ())]
+            for split, v in given.items()
+        }
+        for split, image_sets in sets.items():
+            # The paths say which splits there are, and name the sets in messages.
+            if image_sets:
+                kwargs[f"{split}_images"] = root
+                kwargs[f"{split}_annotations"] = "+".join(image_sets)
+        super().__init__(root=root, **kwargs)
+        self.sets = sets
+        self.names = None if names is None else [str(n) for n in names]
+        if self.names is not None and not self.names:
+            raise ConfigError("data.names: the class names list is empty (null: read from the XML)")
+
+    def _names(self) -> list[str]:
+        """The class names: given, or collected from the XML files once."""
+        if self.names is None:
+            every_set = [s for image_sets in self.sets.values() for s in image_sets]
+            self.names = collect_voc_names(self.root, every_set)
+            if not self.names:
+                raise ValueError(
+                    f"data.names is null and the XML files of {every_set} in {self.root} name no "
+                    "object class"
+                )
+            log.info("data.names: %d classes in the XML files: %s", len(self.names), self.names)
+        return self.names
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return list(self.names) if self.names is not None else super().class_names
+
+    @property
+    def category_ids(self) -> list[int] | None:
+        return list(range(len(self.names))) if self.names is not None else super().category_ids
+
+    def count_classes(self) -> int:
+        """One class per name (given, or found in the XML files)."""
+        return len(self._names())
+
+    def _read_split(self, split: str, images: str, annotations: str) -> DetectionAnnotations:
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"data.root: no such folder {self.root}")
+        names = self._names()
+        try:
+            return load_voc(
+                self.root, self.sets[split], names, skip_bad_annotations=self.skip_bad_annotations
+            )
+        except FileNotFoundError as err:  # an image set file: name the setting that lists it
+            raise FileNotFoundError(f"data.{split}_sets: {err}") from None
