@@ -47,11 +47,16 @@ How the slow part scales a command down (its "CPU twin", :func:`cpu_twin`):
   ``/data/my_yolo_set`` are tiny generated sets of that layout (80, 3 and 2 classes);
 * training: one epoch of one batch, one validation and one test batch; sweeps: the first two
   values of each list, 2 optuna trials;
-* every file a command reads is made first: ``ckpt_path=``/``model.init_from=`` name weights of
-  the command's model size and class count (the demo model's are a checkpoint trained once per
-  module, the other sizes' a fresh model saved as a converted file, an ``.onnx`` one an export of
-  them), ``source=`` pictures, a folder, a glob and a video, and the converter's input a reference
-  checkpoint built from ``tests/reference`` or a Hugging Face ``model.safetensors``;
+* released weights named in a command (``model.init_from=rtdetrv2_r18_coco``, the experiment
+  recipes' ImageNet backbone, ``weights download NAME``) are put into the commands' weights cache
+  first (``RTDETR_LIT_HOME``) as stand-ins of the right size and layout, and ``weights import``
+  gets its file, so the name path runs without the network;
+* every other file a command reads is made first: ``ckpt_path=``/``model.init_from=`` paths
+  name weights of the command's model size and class count (the demo model's are a checkpoint
+  trained once per module, the other sizes' a fresh model saved as a converted file, an ``.onnx``
+  one an export of them), ``source=`` pictures, a folder, a glob and a video, and the
+  converter's input a reference checkpoint built from ``tests/reference`` or a Hugging Face
+  ``model.safetensors``;
 * a value the command sets itself is kept, except the sizes above (``trainer.devices``,
   ``hydra.sweeper.n_trials``, ``--runs``, ``--num-train``, ``--num-val``).
 
@@ -93,6 +98,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from PIL import Image, ImageDraw
 
 from rtdetr_lit.config import CONFIG_DIR, register_schemas, validate_config
+from rtdetr_lit.weights import REGISTRY, is_name
 
 from .conftest import REFERENCE_DIR, SMALL_SYNTHETIC, compose_config, random_state, reference_layout
 
@@ -754,6 +760,8 @@ class Workspace:
         }
         self._weights: dict[tuple[str, int], Path] = {}
         self._graphs: dict[tuple[str, ...], Path] = {}
+        # the weights cache of every command (RTDETR_LIT_HOME), filled by :meth:`cached`
+        self.cache = root / "weights_cache"
 
     def weights(self, name: str, num_classes: int) -> Path:
         """Weights of model ``name`` with ``num_classes`` classes: for the demo model on the
@@ -775,6 +783,38 @@ class Workspace:
             self._weights[name, num_classes] = path
         return self._weights[name, num_classes]
 
+    def release_file(self, name: str, path: Path) -> Path:
+        """A stand-in for the released file of registry ``name``, in its layout, at ``path``."""
+        from rtdetr_lit import create_model
+        from rtdetr_lit.weights import entry, record_for
+
+        item = entry(name)
+        torch.manual_seed(0)
+        if item.kind == "imagenet":
+            net = create_model(item.models[0], channels_last=False)
+            torch.save(net.backbone.state_dict(), path)
+        elif item.layout == "hf":
+            from safetensors.torch import save_file
+
+            from rtdetr_lit.convert import to_hf_state_dict
+
+            state = to_hf_state_dict(record_for(item).build_net(channels_last=False).state_dict())
+            save_file({k: v.clone() for k, v in state.items()}, str(path))
+        else:
+            state = record_for(item).build_net(channels_last=False).state_dict()
+            torch.save({"ema": {"module": state, "updates": 1}}, path)
+        return path
+
+    def cached(self, name: str) -> None:
+        """Registry ``name`` in the weights cache, as ``weights import`` puts it there."""
+        from rtdetr_lit.weights import entry, import_file
+
+        if (self.cache / entry(name).file_name).is_file():
+            return
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RTDETR_LIT_HOME", str(self.cache))
+            import_file(name, self.release_file(name, self.root / f"release_{name}"))
+
     def graph(self, weights: Path, overrides: Sequence[str]) -> Path:
         """``weights`` exported by ``python -m rtdetr_lit.export`` with ``overrides``."""
         key = (str(weights), *overrides)
@@ -788,8 +828,11 @@ class Workspace:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    return Workspace(tmp_path_factory.mktemp("readme"))
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+    ws = Workspace(tmp_path_factory.mktemp("readme"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RTDETR_LIT_HOME", str(ws.cache))  # the commands' weights cache
+        yield ws
 
 
 def _program_argv(command: Command) -> list[str]:
@@ -835,8 +878,18 @@ def twin_overrides(
     given = {_key(o) for o in twin}
     twin += [o for o in scale if _key(o) not in given]
 
+    backbone = OmegaConf.select(cfg, "model.net.backbone_weights")
+    if backbone == "imagenet":  # the experiment recipes
+        backbone = next(
+            e.name for e in REGISTRY if e.kind == "imagenet" and cfg.model.net.name in e.models
+        )
+    if is_name(backbone):
+        ws.cached(backbone)
     for i, override in enumerate(twin):
         key, _, value = override.partition("=")
+        if is_name(value):  # released weights by name: the cache holds a stand-in
+            ws.cached(value)
+            continue
         if key not in _WEIGHT_KEYS or value in _NOT_FILES:
             continue
         weights = ws.weights(cfg.model.net.name, int(cfg.data.num_classes))
@@ -941,6 +994,13 @@ def cpu_twin(command: Command, ws: Workspace, cwd: Path) -> list[str]:
         return [*program, *flags, *overrides]
     if module == "rtdetr_lit.convert":
         _convert_input(args, cwd, ws)
+        return [*program, *args]
+    if module == "rtdetr_lit.weights":  # what download reads is cached; import's file is made
+        if args[0] == "download":
+            for name in args[1:]:
+                ws.cached(name)
+        if args[0] == "import":
+            ws.release_file(args[1], cwd / args[2])
         return [*program, *args]
 
     script = module.rpartition(".")[2] if module else Path(command.program.split()[1]).stem

@@ -33,7 +33,7 @@ import rtdetr_lit
 from rtdetr_lit import weights
 from rtdetr_lit.checkpoints import EVAL_SIZE_BUFFERS
 from rtdetr_lit.cli import _user_error, error_message
-from rtdetr_lit.config import compose_config
+from rtdetr_lit.config import ConfigError, compose_config
 from rtdetr_lit.convert import to_hf_state_dict
 from rtdetr_lit.inference import read_checkpoint
 from rtdetr_lit.models import create_model
@@ -393,6 +393,8 @@ def test_ckpt_path_and_load_take_a_name(cached_release: Path, release: dict[str,
     assert torch.equal(detector.model.net.decoder.dec_score_head[2].weight, expected)
     with pytest.raises(WeightsError, match="resnet18vd_imagenet is an ImageNet backbone, not a"):
         read_checkpoint(BACKBONE)
+    with pytest.raises(ConfigError, match=r"did you mean rtdetrv2_r50_coco, rtdetrv2_r50m_coco"):
+        read_checkpoint("rtdetrv2_r50_cocoo")
 
 
 def test_predict_command_with_a_name(cached_release: Path, tmp_path: Path) -> None:

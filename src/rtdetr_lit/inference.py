@@ -32,7 +32,7 @@ from rtdetr_lit.config import ConfigError
 from rtdetr_lit.record import RECORD_KEY, ModelRecord, plain
 from rtdetr_lit.run import derive_num_classes
 from rtdetr_lit.sizes import check_sizes
-from rtdetr_lit.weights import entry, is_name, read_weights, record_for
+from rtdetr_lit.weights import WeightsError, entry, is_name, read_weights, record_for
 
 __all__ = [
     "INFERENCE_SETTINGS",
@@ -108,6 +108,11 @@ def read_checkpoint(path: str | os.PathLike[str] | None) -> Checkpoint:
         contents, source = read_weights(item.name)
         return Checkpoint(source, contents, record_for(item))
     if path is None or not os.path.isfile(path):
+        if isinstance(path, str) and "/" not in path and not os.path.splitext(path)[1]:
+            try:  # not a file, maybe a mistyped name: the registry suggests the nearest
+                entry(path)
+            except WeightsError as err:
+                raise ConfigError(f"ckpt_path: {path} is not a file, and {err}") from None
         raise ConfigError(f"ckpt_path: no such file {path}")
     contents = load_checkpoint_file(path)
     try:

@@ -294,7 +294,7 @@ def import_file(name: str, source: str | os.PathLike[str]) -> Path:
     """Put ``source``, a copy of ``name``'s release file fetched by hand, into the cache after the
     same checks a download gets; returns its place in the cache."""
     item = entry(name)
-    source = Path(source)
+    source = Path(source).expanduser()
     if not source.is_file():
         raise WeightsError(f"import {name}: no such file {source}")
     path = cache_dir() / item.file_name
