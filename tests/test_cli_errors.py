@@ -92,7 +92,7 @@ def test_required_values_survive_composition() -> None:
         ("eval", [], "ckpt_path"),
         ("export", [], "ckpt_path"),
         ("predict", ["ckpt_path=x"], "source"),
-        ("train", ["data=yolo", "data.root=/d", "data.num_classes=2"], "data.names"),
+        ("train", ["data=custom", "data.num_classes=3"], "data.root"),
     ):
         cfg = compose_config(name, overrides)
         parent, _, leaf = missing.rpartition(".")
