@@ -1,9 +1,11 @@
-"""Lightning callbacks: weight EMA, discrete fine-tuning, the non-finite guard, pictures, resume."""
+"""Lightning callbacks: weight EMA, discrete fine-tuning, the non-finite guard, pictures, resume,
+and progress lines."""
 
 from rtdetr_lit.callbacks.ema import EMA, ema_decay
 from rtdetr_lit.callbacks.finetune import DiscreteFinetune
 from rtdetr_lit.callbacks.guard import NonFiniteGuard
 from rtdetr_lit.callbacks.pictures import PredictionPictures
+from rtdetr_lit.callbacks.progress import ProgressLog
 from rtdetr_lit.callbacks.resume import RandomState, StepCheckpoint
 
 __all__ = [
@@ -11,6 +13,7 @@ __all__ = [
     "DiscreteFinetune",
     "NonFiniteGuard",
     "PredictionPictures",
+    "ProgressLog",
     "RandomState",
     "StepCheckpoint",
     "ema_decay",
