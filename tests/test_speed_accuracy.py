@@ -33,6 +33,20 @@ def test_speed_accuracy_overrides_may_follow_its_list_options():
         speed_accuracy.parse_args(["--methods", "nearest", "ckpt_path=last.ckpt"])
 
 
+def test_plot_draws_a_line_per_sampling_method(tmp_path: Path) -> None:
+    rows = [
+        {"sampling": method, "decoder_layers": layers, "latency_ms": ms, "mAP": ap}
+        for method, base in (("grid_sample", 10.0), ("discrete", 8.0))
+        for layers, ms, ap in ((1, base, 0.30), (3, base + 4.0, 0.36))
+    ]
+    path = speed_accuracy.plot(rows, tmp_path / "speed_accuracy.png", "demo: mAP vs latency")
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.size == (900, 600)
+        colours = {colour for _, colour in picture.convert("RGB").getcolors(900 * 600)}
+    # matplotlib's first two line colours: one line per method
+    assert {(31, 119, 180), (255, 127, 14)} <= colours
+
+
 @pytest.mark.slow  # five validation passes and a dozen timed passes: about 20 s of CPU
 def test_speed_accuracy_sweeps_eval_idx_and_sampling_on_a_checkpoint(
     tmp_path: Path,
