@@ -44,7 +44,8 @@ How the slow part scales a command down (its "CPU twin", :func:`cpu_twin`):
   processes; ``trainer.devices`` follows); the model size stays as written;
 * data: 128 px, 2 images per batch, no loader workers, multi-scale sizes of 128 and 160 px; the
   synthetic set has 6 small training images; ``data=coco`` / ``data.root=/data/my_set`` /
-  ``/data/my_yolo_set`` are tiny generated sets of that layout (80, 3 and 2 classes);
+  ``/data/my_yolo_set`` (with a ``data.yaml``) and ``/data/VOCdevkit`` are tiny generated sets of
+  that layout (80, 3, 2 and the 20 VOC classes);
 * training: one epoch of one batch, one validation and one test batch; sweeps: the first two
   values of each list, 2 optuna trials;
 * released weights named in a command (``model.init_from=rtdetrv2_r18_coco``, the experiment
@@ -101,6 +102,7 @@ from rtdetr_lit.config import CONFIG_DIR, register_schemas, validate_config
 from rtdetr_lit.weights import REGISTRY, is_name
 
 from .conftest import REFERENCE_DIR, SMALL_SYNTHETIC, compose_config, random_state, reference_layout
+from .data.test_voc import _devkit
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -735,7 +737,8 @@ def run(argv: Sequence[str], cwd: Path, timeout: float = 1800) -> subprocess.Com
 class Workspace:
     """Datasets, weights and configs that the scaled-down commands read, made once per module:
     ``data/`` (the ``paths.data_dir`` of every run) holds ``coco/`` (80 classes), ``my_set/``
-    (the custom layout, 3 classes), ``my_yolo_set/`` (2 classes) and the synthetic set."""
+    (the custom layout, 3 classes), ``my_yolo_set/`` (2 classes, a ``data.yaml``), ``VOCdevkit/``
+    (VOC2007 and VOC2012) and the synthetic set."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -751,11 +754,16 @@ class Workspace:
                              ["cat", "dog", "owl"], count=2, seed=seed)  # fmt: skip
         for split, seed in (("train", 5), ("val", 6)):
             write_yolo_split(self.data / "my_yolo_set", split, num_classes=2, count=2, seed=seed)
+        (self.data / "my_yolo_set" / "data.yaml").write_text(
+            "train: images/train\nval: images/val\nnames: [person, car]\n"
+        )
+        _devkit(self.data / "VOCdevkit")
         self.configs = write_my_configs(root / "my_configs", f"{self.data}/my_set", 3)
         # the README's example paths, as they are spelt there
         self.replace = {
             "/data/my_set": str(self.data / "my_set"),
             "/data/my_yolo_set": str(self.data / "my_yolo_set"),
+            "/data/VOCdevkit": str(self.data / "VOCdevkit"),
             MY_CONFIGS: str(self.configs),
         }
         self._weights: dict[tuple[str, int], Path] = {}
