@@ -1,11 +1,12 @@
 """Lightning callbacks: weight EMA, discrete fine-tuning, the non-finite guard, pictures, resume,
-and progress lines."""
+progress lines and the results table."""
 
 from rtdetr_lit.callbacks.ema import EMA, ema_decay
 from rtdetr_lit.callbacks.finetune import DiscreteFinetune
 from rtdetr_lit.callbacks.guard import NonFiniteGuard
 from rtdetr_lit.callbacks.pictures import PredictionPictures
 from rtdetr_lit.callbacks.progress import ProgressLog
+from rtdetr_lit.callbacks.results import ResultsTable
 from rtdetr_lit.callbacks.resume import RandomState, StepCheckpoint
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "PredictionPictures",
     "ProgressLog",
     "RandomState",
+    "ResultsTable",
     "StepCheckpoint",
     "ema_decay",
 ]
