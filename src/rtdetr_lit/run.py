@@ -20,10 +20,22 @@ __all__ = [
     "derive_num_classes",
     "finish_run",
     "prepare_run",
+    "rank_zero_filter",
     "resolve_ckpt_path",
 ]
 
+
+def rank_zero_filter(record: logging.LogRecord) -> bool:
+    """A logging filter that passes records on rank 0 only. Every DDP rank runs the entry point;
+    the others would repeat each line on the console and in the run's log file. The rank is
+    Lightning's (``rank_zero_only.rank``: from the launcher's environment, then the strategy's)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 log = logging.getLogger(__name__)
+log.addFilter(rank_zero_filter)
 
 
 def prepare_run(cfg: DictConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import re
@@ -26,6 +27,7 @@ from rtdetr_lit.callbacks.progress import (
 from .toy import fit_toy
 
 LOGGER = "rtdetr_lit.callbacks.progress"
+SET_UP_LOGGERS = ["rtdetr_lit.train", "rtdetr_lit.run", "rtdetr_lit.data.datamodule"]
 
 
 @pytest.mark.parametrize(
@@ -282,3 +284,14 @@ def test_a_real_fit_prints_its_lines(tmp_path: Path, caplog, monkeypatch) -> Non
     assert "val mAP 0.1000  mAP@0.5 0.2000  best mAP 0.1000" in lines[3]
     assert "val mAP 0.2000  mAP@0.5 0.4000  best mAP 0.2000" in lines[6]
     assert re.search(r"lr 1\.00e-02  \d+\.\d\d s/step  ETA \S+$", lines[1])
+
+
+@pytest.mark.parametrize("name", SET_UP_LOGGERS)
+def test_set_up_lines_come_from_rank_zero_only(name: str, caplog, monkeypatch) -> None:
+    """Every DDP rank runs the entry point and sets up the data; one rank reports."""
+    logger = logging.getLogger(importlib.import_module(name).__name__)
+    with caplog.at_level(logging.INFO, logger=name):
+        logger.info("from rank 0")
+        monkeypatch.setattr(rank_zero_only, "rank", 1)
+        logger.warning("from rank 1")
+    assert [r.getMessage() for r in caplog.records] == ["from rank 0"]
