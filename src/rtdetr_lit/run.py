@@ -26,16 +26,16 @@ __all__ = [
 
 
 def rank_zero_filter(record: logging.LogRecord) -> bool:
-    """A logging filter that passes records on rank 0 only. Every DDP rank runs the entry point;
-    the others would repeat each line on the console and in the run's log file. The rank is
-    Lightning's (``rank_zero_only.rank``: from the launcher's environment, then the strategy's)."""
+    """A logging filter that passes information from rank 0 only, and warnings and errors from
+    every rank. Every DDP rank runs the entry point; the others would repeat each line on the
+    console and in the run's log file. The rank is Lightning's (``rank_zero_only.rank``: from the
+    launcher's environment, then the strategy's)."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+    return record.levelno >= logging.WARNING or getattr(rank_zero_only, "rank", 0) == 0
 
 
 log = logging.getLogger(__name__)
-log.addFilter(rank_zero_filter)
 
 
 def prepare_run(cfg: DictConfig) -> None:
@@ -53,6 +53,9 @@ def prepare_run(cfg: DictConfig) -> None:
     if extras.get("print_config"):
         rank_zero_only(_print_config)(cfg)
     _log_lightning_once()
+    for handler in logging.getLogger().handlers:  # Hydra's console and run-file handlers
+        if rank_zero_filter not in handler.filters:
+            handler.addFilter(rank_zero_filter)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 

@@ -26,12 +26,10 @@ from rtdetr_lit.run import (
     derive_num_classes,
     finish_run,
     prepare_run,
-    rank_zero_filter,
     resolve_ckpt_path,
 )
 
 log = logging.getLogger(__name__)
-log.addFilter(rank_zero_filter)
 
 # The EMA weights and the detector's record, written to the run directory after fitting.
 WEIGHTS_FILE = "model.safetensors"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import io
 import logging
 import re
@@ -23,11 +22,11 @@ from rtdetr_lit.callbacks.progress import (
     format_duration,
     step_line,
 )
+from rtdetr_lit.run import prepare_run, rank_zero_filter
 
 from .toy import fit_toy
 
 LOGGER = "rtdetr_lit.callbacks.progress"
-SET_UP_LOGGERS = ["rtdetr_lit.train", "rtdetr_lit.run", "rtdetr_lit.data.datamodule"]
 
 
 @pytest.mark.parametrize(
@@ -286,12 +285,28 @@ def test_a_real_fit_prints_its_lines(tmp_path: Path, caplog, monkeypatch) -> Non
     assert re.search(r"lr 1\.00e-02  \d+\.\d\d s/step  ETA \S+$", lines[1])
 
 
-@pytest.mark.parametrize("name", SET_UP_LOGGERS)
-def test_set_up_lines_come_from_rank_zero_only(name: str, caplog, monkeypatch) -> None:
-    """Every DDP rank runs the entry point and sets up the data; one rank reports."""
-    logger = logging.getLogger(importlib.import_module(name).__name__)
-    with caplog.at_level(logging.INFO, logger=name):
-        logger.info("from rank 0")
+def test_information_comes_from_rank_zero_only(cfg_train, monkeypatch) -> None:
+    """Every DDP rank runs the entry point: ``prepare_run`` gives the console and run-file
+    handlers a filter that passes information from rank 0 only, warnings from every rank."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    prepare_run(cfg_train)
+    prepare_run(cfg_train)  # once per handler, however often the entry point sets up
+    assert handler.filters == [rank_zero_filter]
+    stream.truncate(0)
+    stream.seek(0)
+    for name in ("rtdetr_lit.train", "rtdetr_lit.module", "rtdetr_lit.data.datamodule"):
+        logger = logging.getLogger(name)
+        logger.info("%s: from rank 0", name)
         monkeypatch.setattr(rank_zero_only, "rank", 1)
-        logger.warning("from rank 1")
-    assert [r.getMessage() for r in caplog.records] == ["from rank 0"]
+        logger.info("%s: information from rank 1", name)
+        logger.warning("%s: a warning from rank 1", name)
+        monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert stream.getvalue().splitlines() == [
+        line
+        for name in ("rtdetr_lit.train", "rtdetr_lit.module", "rtdetr_lit.data.datamodule")
+        for line in (f"{name}: from rank 0", f"{name}: a warning from rank 1")
+    ]

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from rtdetr_lit.config import ConfigError
@@ -38,8 +37,6 @@ from rtdetr_lit.sizes import check_sizes
 __all__ = ["CocoDataModule", "SyntheticDataModule", "VocDataModule", "YoloDataModule"]
 
 log = logging.getLogger(__name__)
-# Every DDP rank sets up the data; only rank 0 reports (the others would repeat each line).
-log.addFilter(lambda _record: rank_zero_only.rank == 0)
 
 _SPLITS = ("train", "val", "test")
 # The per-split path arguments of CocoDataModule.
