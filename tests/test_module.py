@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -108,9 +110,24 @@ def test_fit_validates_with_map_and_saves_loadable_checkpoints(tmp_path: Path) -
     backbone = next(g for g in trainer.optimizers[0].param_groups if g["name"] == "backbone")
     assert backbone["lr"] == pytest.approx(1e-4)
 
-    table = (tmp_path / "val_per_class_ap.csv").read_text().splitlines()
-    assert table[0] == "category_id,name,AP"
-    assert {row.split(",")[0] for row in table[1:]} <= {str(c) for c in CATEGORY_IDS}
+    # The per-class table of the last validation: "all", then every class by category id, with
+    # the metric's AP per class, and the objects and images of the 4 val squares.
+    with open(tmp_path / "val_per_class_ap.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["category_id", "name", "AP", "AP50", "AP75", "instances", "images"]
+    assert [(r["category_id"], r["name"]) for r in table] == [
+        ("", "all"),
+        *zip(map(str, CATEGORY_IDS), ("small", "medium", "large"), strict=True),
+    ]
+    result = module.evaluations["val"].result
+    ap = dict(zip(result["classes"].tolist(), result["map_per_class"].tolist(), strict=True))
+    squares = Counter(int(_Squares(4)[i][1]["labels"]) for i in range(4))
+    for k, row in enumerate(table[1:]):
+        assert (int(row["instances"]), int(row["images"])) == (squares[k], squares[k])
+        expected = ap.get(CATEGORY_IDS[k], -1.0)
+        assert row["AP"] == ("" if expected == -1 else f"{expected:.4f}")
+    assert (table[0]["instances"], table[0]["images"]) == ("4", "4")
+    assert float(table[0]["AP"]) == pytest.approx(float(metrics["val/mAP"]), abs=5e-5)
 
     # last.ckpt loads with weights_only and holds the EMA weights as the model's state_dict
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -7,7 +7,6 @@ optimizer groups of docs/rtdetrv2.md §9 and computes COCO mAP with torchmetrics
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -21,6 +20,13 @@ from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_convert
 
+from rtdetr_lit.callbacks.evaluation import (
+    EVALUATED_STATES,
+    Evaluation,
+    class_table,
+    format_class_table,
+    write_class_table,
+)
 from rtdetr_lit.checkpoints import load_weights_into
 from rtdetr_lit.models.postprocess import RTDETRPostProcessor
 from rtdetr_lit.optim import build_param_groups, clip_gradients
@@ -42,14 +48,34 @@ _MAP_KEYS = {
 }
 
 
-def _coco_map() -> MeanAveragePrecision:
+class _EvaluatedMAP(MeanAveragePrecision):
+    """COCO mAP that keeps the states of its last ``compute`` in ``evaluated``: under DDP those of
+    every rank (compute runs on the gathered states; this rank's own are put back after it)."""
+
+    evaluated: dict[str, list[torch.Tensor]] | None = None
+
+    def compute(self) -> dict[str, Any]:
+        self.evaluated = {name: list(getattr(self, name)) for name in EVALUATED_STATES}
+        result = super().compute()
+        # The extended summary's IoU matrices (one per image and class): nothing reads them.
+        result.pop("ious", None)
+        return result
+
+
+def _coco_map() -> _EvaluatedMAP:
     # faster-coco-eval (a dependency): pycocotools' numbers (tests/test_evaluation.py) in a
     # fraction of the time (BENCHMARKS.md, "COCO evaluation backend"). It logs its progress and
     # summary table at INFO on every evaluation (and once per class), which would fill the run's
     # console and log; the module logs the numbers itself.
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
-    metric = MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", class_metrics=True, backend="faster_coco_eval"
+    # The extended summary's precision array (IoU x recall x class x area x max detections) gives
+    # the per-class table and the precision-recall curves (callbacks/evaluation.py).
+    metric = _EvaluatedMAP(
+        box_format="xyxy",
+        iou_type="bbox",
+        class_metrics=True,
+        extended_summary=True,
+        backend="faster_coco_eval",
     )
     # COCO keeps each image's 100 best-scoring detections: more (300 here, docs/rtdetrv2.md §8) is
     # expected.
@@ -123,6 +149,8 @@ class RTDETRModule(L.LightningModule):
         self.val_map_best = MaxMetric()
         # Saved in checkpoints: a resumed run keeps the best mAP of the epochs before.
         self.val_map_best.persistent(True)
+        # The last evaluation of each stage, kept on rank 0 for the evaluation callbacks.
+        self.evaluations: dict[str, Evaluation] = {}
         if init_from:
             contents, source = read_weights(init_from, getattr(self.net, "size_name", None))
             missing = load_weights_into(self.net, contents, source)
@@ -265,14 +293,23 @@ class RTDETRModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_map(self.test_map, "test")
 
-    def _log_map(self, metric: MeanAveragePrecision, stage: str) -> dict[str, torch.Tensor]:
+    def _log_map(self, metric: _EvaluatedMAP, stage: str) -> dict[str, Any]:
         self._equalise_image_counts(metric)
         result = metric.compute()
+        # Taken off the metric: only rank 0 keeps the states (in its Evaluation), until the next.
+        states, metric.evaluated = metric.evaluated, None
         metric.reset()
         for name, key in _MAP_KEYS.items():
             self.log(f"{stage}/{name}", result[key], prog_bar=name in ("mAP", "mAP_50"))
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            self._write_class_table(result, stage)
+            ids = self.category_ids or list(range(self.postprocessor.num_classes))
+            names = self.class_names or [str(i) for i in ids]
+            evaluation = Evaluation(
+                stage, result, states, ids, names, metric.iou_thresholds,
+                metric.rec_thresholds,
+            )  # fmt: skip
+            self.evaluations[stage] = evaluation
+            self._write_class_table(evaluation)
         return result
 
     def _equalise_image_counts(self, metric: MeanAveragePrecision) -> None:
@@ -296,21 +333,10 @@ class RTDETRModule(L.LightningModule):
                   "area": torch.zeros(0, device=self.device)}  # fmt: skip
         metric.update([pred] * missing, [target] * missing)
 
-    def _write_class_table(self, result: dict[str, torch.Tensor], stage: str) -> None:
-        out_dir = Path(self.trainer.default_root_dir)
-        classes = result.get("classes")
-        per_class = result.get("map_per_class")
-        if classes is None or per_class is None or per_class.numel() != classes.numel():
-            return
-        names = {}
-        if self.class_names is not None:
-            ids = self.category_ids or list(range(len(self.class_names)))
-            names = dict(zip(ids, self.class_names, strict=False))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / f"{stage}_per_class_ap.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["category_id", "name", "AP"])
-            for cid, ap in zip(
-                classes.reshape(-1).tolist(), per_class.reshape(-1).tolist(), strict=True
-            ):
-                writer.writerow([cid, names.get(cid, ""), f"{ap:.4f}"])
+    def _write_class_table(self, evaluation: Evaluation) -> None:
+        """``<stage>_per_class_ap.csv`` in the run directory; after a test, the table in the log."""
+        rows = class_table(evaluation)
+        stage = evaluation.stage
+        write_class_table(rows, Path(self.trainer.default_root_dir) / f"{stage}_per_class_ap.csv")
+        if stage == "test":
+            log.info("test: COCO AP per class\n%s", format_class_table(rows))

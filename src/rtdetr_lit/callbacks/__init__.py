@@ -1,7 +1,8 @@
 """Lightning callbacks: weight EMA, discrete fine-tuning, the non-finite guard, pictures, resume,
-progress lines and the results table."""
+progress lines, the results table and the evaluation plots."""
 
 from rtdetr_lit.callbacks.ema import EMA, ema_decay
+from rtdetr_lit.callbacks.evaluation import EvaluationPlots
 from rtdetr_lit.callbacks.finetune import DiscreteFinetune
 from rtdetr_lit.callbacks.guard import NonFiniteGuard
 from rtdetr_lit.callbacks.pictures import PredictionPictures
@@ -12,6 +13,7 @@ from rtdetr_lit.callbacks.resume import RandomState, StepCheckpoint
 __all__ = [
     "EMA",
     "DiscreteFinetune",
+    "EvaluationPlots",
     "NonFiniteGuard",
     "PredictionPictures",
     "ProgressLog",
