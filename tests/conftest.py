@@ -67,7 +67,9 @@ def reference_layout(name: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]
 
 
 def random_state(layout: dict, seed: int, resize: dict[str, tuple[int, ...]] | None = None):
-    """Random tensors (never all zero) per (name, shape, dtype); ``resize`` overrides shapes."""
+    """Random tensors (never all zero) per (name, shape, dtype); ``resize`` overrides shapes.
+    Values are small and batch-norm variances positive, as in a trained network, so that a model
+    holding them computes finite outputs (standard normal weights overflow within a few layers)."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for key, (shape, dtype) in layout.items():
@@ -76,8 +78,10 @@ def random_state(layout: dict, seed: int, resize: dict[str, tuple[int, ...]] | N
             state[key] = torch.rand(shape, generator=gen) > 0.3
         elif dtype == torch.int64:
             state[key] = torch.randint(1, 10_000, shape, generator=gen)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=gen) + 0.5
         else:
-            state[key] = torch.randn(shape, generator=gen)
+            state[key] = torch.randn(shape, generator=gen) * 0.05
     return state
 
 
@@ -109,4 +113,5 @@ QUIET_CPU_RUN = [
     "extras.print_config=false",
     "callbacks.rich_progress_bar=null",
     "callbacks.prediction_pictures=null",
+    "callbacks.evaluation_plots=null",
 ]

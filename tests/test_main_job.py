@@ -52,9 +52,16 @@ def test_main_job_trains_evaluates_and_writes_its_outputs(tmp_path: Path, caplog
     assert "val/mAP_50" in caplog.text and "checkpoints: " + str(run / "checkpoints") in caplog.text
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_file() and len(list((run / "checkpoints").glob("epoch_*.ckpt"))) == 1
-    assert (run / "val_predictions.png").stat().st_size > 1000
     table = (run / "val_per_class_ap.csv").read_text().splitlines()
-    assert table[0] == "category_id,name,AP"
+    assert table[0] == "category_id,name,AP,AP50,AP75,instances,images"
+    # what a user looks at: one summary line per epoch, the results table and the pictures
+    epochs = [r.getMessage() for r in caplog.records if "val mAP" in r.getMessage()]
+    assert len(epochs) == 2 and all("mAP@0.5" in line for line in epochs), epochs
+    assert len((run / "results.csv").read_text().splitlines()) == 1 + 2
+    for stage in ("val", "test"):
+        for picture in ("predictions", "pr_curve", "confusion_matrix"):
+            assert (run / f"{stage}_{picture}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "results.png").stat().st_size > 1000
     # the synthetic data was generated, with its version stamp, under paths.data_dir
     stamp = json.loads((tmp_path / "data" / "synthetic" / "VERSION.json").read_text())
     assert stamp["config"]["num_train"] == 16
