@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from rtdetr_lit.callbacks.progress import Period, PeriodCallback
+from rtdetr_lit.checkpoints import atomic_write
 
 __all__ = ["ResultsTable", "draw_results", "write_results"]
 
@@ -21,14 +22,6 @@ log = logging.getLogger(__name__)
 
 # The mAP panel: column and legend label.
 _MAP_CURVES = (("val/mAP", "mAP"), ("val/mAP_50", "mAP@0.5"))
-
-
-def _replace(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary file renamed into place: a reader (or a kill) never sees
-    half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _cell(value: Any) -> str:
@@ -43,13 +36,12 @@ def write_results(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """The rows as CSV, columns in the order they first appear; a cell a row lacks is empty."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            writer.writerows([_cell(row.get(key)) for key in columns] for row in rows)
-
-    _replace(path, write)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    writer.writerows([_cell(row.get(key)) for key in columns] for row in rows)
+    # a reader (or a kill) never sees half a file
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def draw_results(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
@@ -99,7 +91,7 @@ def draw_results(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
             ax.legend(fontsize=7)
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    _replace(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _is_loss(key: str) -> bool:
