@@ -44,7 +44,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from rtdetr_lit.checkpoints import atomic_write, current_umask
+from rtdetr_lit.checkpoints import (
+    align_to_target,
+    atomic_write,
+    current_umask,
+    load_checkpoint_file,
+    model_state_dict,
+)
 from rtdetr_lit.config import ConfigError
 
 if TYPE_CHECKING:
@@ -423,8 +429,6 @@ def _fit(item: WeightsEntry, file: Path) -> None:
         for depth in sorted({MODEL_SIZES[m].backbone_depth for m in item.models}):
             PResNet(depth).load_weights(file)
         return
-    from rtdetr_lit.checkpoints import align_to_target, load_checkpoint_file, model_state_dict
-
     state = _our_layout(item, load_checkpoint_file(file))
     target = record_for(item).build_net().state_dict()
     align_to_target(model_state_dict(state), target, source="the file")
@@ -447,8 +451,6 @@ def read_weights(value: str | os.PathLike[str], model: str | None = None) -> tup
     ``model``, when given, is the zoo size the weights are for: a name made for another size is
     a :class:`WeightsError` before anything is read.
     """
-    from rtdetr_lit.checkpoints import load_checkpoint_file
-
     if not is_name(value):
         return load_checkpoint_file(value), str(value)
     item = entry(str(value))
